@@ -1,0 +1,121 @@
+"""SafetyConfig: which defenses run and how, from YAML or the ``vlm_safety`` generation flag.
+
+One schema serves both forms::
+
+    defenses:            # applied together, in this order; each key a registered defense
+      adashield: {}
+    on_error: refuse     # refuse (default, fail closed) | raise
+    refusal: "I'm sorry, but I can't help with that."
+
+Every error names the source (file or ``generation_config.vlm_safety``), the key path and
+what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from . import plugins
+from .errors import ConfigError
+from .options import options_to_dict, parse_options
+
+GENERATION_CONFIG_KEY = "vlm_safety"
+ON_ERROR_CHOICES = ("refuse", "raise")
+DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
+TOP_LEVEL_KEYS = ("defenses", "on_error", "refusal")
+
+
+@dataclass(frozen=True)
+class SafetyConfig:
+    """A validated safety configuration: defense name -> its parsed options, plus policy."""
+
+    defenses: dict[str, Any] = field(default_factory=dict)
+    on_error: str = "refuse"
+    refusal: str = DEFAULT_REFUSAL
+    source: str | None = field(default=None, compare=False)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str | None = GENERATION_CONFIG_KEY) -> "SafetyConfig":
+        """Validate a plain mapping (the YAML document or the ``vlm_safety`` value)."""
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"expected a mapping with keys {', '.join(TOP_LEVEL_KEYS)}, "
+                              f"got {type(data).__name__}", source=source)
+        unknown = sorted(set(data) - set(TOP_LEVEL_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown key {unknown[0]!r}; expected one of: {', '.join(TOP_LEVEL_KEYS)}",
+                              source=source, path=unknown[0])
+        defenses_data = data.get("defenses") or {}
+        if not isinstance(defenses_data, Mapping):
+            raise ConfigError(f"expected a mapping of defense name to options, got {type(defenses_data).__name__}",
+                              source=source, path="defenses")
+        defenses = {}
+        for name, options in defenses_data.items():
+            defense_cls = plugins.get_defense(str(name), source=source)
+            defenses[name] = parse_options(defense_cls.Options, options, path=f"defenses.{name}", source=source)
+        on_error = data.get("on_error", "refuse")
+        if on_error not in ON_ERROR_CHOICES:
+            raise ConfigError(f"expected one of {', '.join(map(repr, ON_ERROR_CHOICES))}, got {on_error!r}",
+                              source=source, path="on_error")
+        refusal = data.get("refusal", DEFAULT_REFUSAL)
+        if not isinstance(refusal, str) or not refusal.strip():
+            raise ConfigError(f"expected a non-empty string, got {refusal!r}", source=source, path="refusal")
+        return cls(defenses=defenses, on_error=on_error, refusal=refusal, source=source)
+
+    def to_dict(self) -> dict:
+        """The JSON-only form, with every default made explicit (what ``vlm_safety`` holds)."""
+        return {
+            "defenses": {name: options_to_dict(opts) for name, opts in self.defenses.items()},
+            "on_error": self.on_error,
+            "refusal": self.refusal,
+        }
+
+    def to_generation_config(self, base=None, **generation_kwargs):
+        """A GenerationConfig carrying this config under ``vlm_safety``, plus any generate settings.
+
+        ``base`` (a GenerationConfig, e.g. ``model.generation_config``) is copied first, so
+        the model's own eos/pad ids and defaults are kept.
+        """
+        from transformers import GenerationConfig
+
+        values = base.to_dict() if base is not None else {}
+        values.update(generation_kwargs)
+        values[GENERATION_CONFIG_KEY] = self.to_dict()
+        values.pop("transformers_version", None)
+        return GenerationConfig(**values)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.defenses)
+
+    def cache_key(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def load_config(source: str | os.PathLike | Mapping | SafetyConfig) -> SafetyConfig:
+    """Load and validate a YAML file (path) or a mapping; a SafetyConfig passes through."""
+    if isinstance(source, SafetyConfig):
+        return source
+    if isinstance(source, Mapping):
+        return SafetyConfig.from_dict(source, source="<dict>")
+    path = Path(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config file not found", source=str(path)) from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file: {error.strerror}", source=str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{where}invalid YAML: {getattr(error, 'problem', error)}", source=str(path)) from None
+    return SafetyConfig.from_dict(data, source=str(path))

@@ -1,0 +1,1 @@
+"""Built-in defenses, one module each, registered through the plugin hooks like any other."""

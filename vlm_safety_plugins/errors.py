@@ -1,0 +1,22 @@
+"""Exceptions with messages that say what was wrong and where."""
+
+
+class VLMSafetyError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(VLMSafetyError, ValueError):
+    """A safety configuration is invalid; names the source, the key path and what was expected."""
+
+    def __init__(self, message: str, *, source: str | None = None, path: str | None = None):
+        self.source, self.path, self.reason = source, path, message
+        where = ": ".join(part for part in (source, path) if part)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class DefenseError(VLMSafetyError, RuntimeError):
+    """A defense could not do its work on this request (missing image, unsupported input, ...)."""
+
+
+class AdapterError(VLMSafetyError, RuntimeError):
+    """The model or processor does not look like what the model adapter expects."""

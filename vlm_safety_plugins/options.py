@@ -1,0 +1,152 @@
+"""Typed, documented options for defenses, validated from plain YAML/JSON data.
+
+A defense declares its options as a dataclass whose fields are made with ``option``;
+``parse_options`` turns a mapping into an instance or raises a ConfigError that names
+the exact key path. The same metadata generates the configuration reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Union
+
+from .errors import ConfigError
+
+
+def option(default: Any = dataclasses.MISSING, *, doc: str, min: float | None = None,
+           max: float | None = None, above: float | None = None) -> Any:
+    """A dataclass field with a docstring and an optional range (``above`` is exclusive)."""
+    meta = {"doc": doc, "min": min, "max": max, "above": above}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """Options of a defense that takes none."""
+
+
+def parse_options(cls: type, data: Any, *, path: str, source: str | None) -> Any:
+    """Validate ``data`` (a mapping or None) against the options dataclass ``cls``."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping of options, got {_describe(data)}", source=source, path=path)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        expected = ", ".join(fields) or "no options"
+        raise ConfigError(f"unknown key {unknown[0]!r}; expected one of: {expected}",
+                          source=source, path=_join(path, unknown[0]))
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        key_path = _join(path, name)
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError("required key is missing", source=source, path=key_path)
+            continue
+        value = _coerce(hints[name], data[name], path=key_path, source=source)
+        _check_range(f.metadata, value, path=key_path, source=source)
+        values[name] = value
+    return cls(**values)
+
+
+def options_to_dict(options: Any) -> dict:
+    """The JSON-only form of an options instance (nested dataclasses become mappings)."""
+    return dataclasses.asdict(options)
+
+
+def describe_options(cls: type) -> list[dict]:
+    """One row per option: name, type, default, range and doc (for docs and ``--help``)."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if dataclasses.is_dataclass(default):
+            default = dataclasses.asdict(default)
+        rows.append({"name": f.name, "type": type_name(hints[f.name]), "default": default,
+                     "doc": f.metadata.get("doc", ""), "range": _range_text(f.metadata)})
+    return rows
+
+
+def type_name(tp: Any) -> str:
+    """A short human name of a type annotation, as written in config docs."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin is list:
+        return f"list[{type_name(args[0])}]"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, *, path: str, source: str | None) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, path=path, source=source)
+            except ConfigError as error:
+                errors.append(error)
+        if len(errors) == 1:
+            raise errors[0]
+        raise _type_error(tp, value, path, source)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"expected one of {choices}, got {value!r}", source=source, path=path)
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise _type_error(tp, value, path, source)
+        return [_coerce(args[0], item, path=f"{path}[{i}]", source=source) for i, item in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return parse_options(tp, value, path=path, source=source)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    if tp is type(None) and value is None:
+        return None
+    raise _type_error(tp, value, path, source)
+
+
+def _check_range(meta: typing.Mapping, value: Any, *, path: str, source: str | None) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    low, high, above = meta.get("min"), meta.get("max"), meta.get("above")
+    if (low is not None and value < low) or (high is not None and value > high) or (
+            above is not None and value <= above):
+        raise ConfigError(f"{value!r} is out of range; expected {_range_text(meta)}", source=source, path=path)
+
+
+def _range_text(meta: typing.Mapping) -> str:
+    low, high, above = meta.get("min"), meta.get("max"), meta.get("above")
+    parts = [f"> {above}" if above is not None else None, f">= {low}" if low is not None else None,
+             f"<= {high}" if high is not None else None]
+    return " and ".join(p for p in parts if p)
+
+
+def _type_error(tp: Any, value: Any, path: str, source: str | None) -> ConfigError:
+    return ConfigError(f"expected {type_name(tp)}, got {_describe(value)}", source=source, path=path)
+
+
+def _describe(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key

@@ -1,0 +1,50 @@
+"""SafetyReport: what the defenses did to one row of a generation."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+PASS, MODIFIED, REFUSED = "pass", "modified", "refused"
+
+
+@dataclass
+class DefenseRecord:
+    """One defense's work on one row: whether it ran, what it decided, its scores and time."""
+
+    name: str
+    ran: bool = False
+    decision: str = PASS
+    scores: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    time_s: float = 0.0
+
+
+@dataclass
+class SafetyReport:
+    """Per-row outcome of a defended generation.
+
+    ``decision`` is ``refused`` when the row's answer was replaced by the configured refusal
+    (a defense refused, or one failed and ``on_error`` is ``refuse``), ``modified`` when any
+    defense changed the input or the output, and ``pass`` otherwise.
+    """
+
+    row: int
+    defenses: dict[str, DefenseRecord] = field(default_factory=dict)
+    error: str | None = None
+    refused: bool = False
+
+    @property
+    def decision(self) -> str:
+        if self.refused:
+            return REFUSED
+        if any(record.decision != PASS for record in self.defenses.values()):
+            return MODIFIED
+        return PASS
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (for logs, the CLI's ``--json`` and the ``safety_report`` hook)."""
+        data = dataclasses.asdict(self)
+        data["decision"] = self.decision
+        return data
