@@ -31,6 +31,7 @@ from .interventions import InterventionHooks
 from .report import MODIFIED, DefenseRecord, SafetyReport
 
 ATTACHMENT_ATTRIBUTE = "_vlm_safety_attachment"
+CACHE_LIMIT = 64  # distinct configs (and defense instances) kept per attached model
 # Per prompt-shaped input: (value of an inserted token, value of a padding token).
 INSERTED_VALUES = {"input_ids": (None, None), "attention_mask": (1, 0), "token_type_ids": (0, 0),
                    "mm_token_type_ids": (0, 0)}
@@ -100,6 +101,8 @@ class Attachment:
         config = self._configs.get(key)
         if config is None:
             config = SafetyConfig.from_dict(flags)
+            if len(self._configs) >= CACHE_LIMIT:
+                self._configs.clear()
             self._configs[key] = config
         return config
 
@@ -110,6 +113,8 @@ class Attachment:
             key = (name, repr(options))
             with self._lock:
                 if key not in self._defenses:
+                    if len(self._defenses) >= CACHE_LIMIT:
+                        self._defenses.clear()
                     self._defenses[key] = plugins.get_defense(name)(options, self.resources)
                 defenses.append(self._defenses[key])
         return defenses
