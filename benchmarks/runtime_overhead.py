@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+
 import vlm_safety_plugins as vsp
 from vlm_safety_plugins import plugins
 from vlm_safety_plugins.testing import FAMILIES, tiny_image, tiny_vlm

@@ -104,3 +104,8 @@ def test_generation_config_keeps_base_defaults():
     generation = vsp.load_config({"defenses": {"adashield": {}}}).to_generation_config(base, max_new_tokens=5)
     assert (generation.eos_token_id, generation.pad_token_id, generation.max_new_tokens) == (2, 0, 5)
     assert base.max_new_tokens == 20 and not hasattr(base, "vlm_safety")
+
+
+def test_every_public_name_resolves_from_the_package_root():
+    missing = [name for name in vsp.__all__ if getattr(vsp, name, None) is None]
+    assert missing == []

@@ -77,6 +77,17 @@ def test_unregistered_plugin_disappears_from_the_registry(ranged_plugin):
 
 def test_describe_options_gives_types_defaults_and_ranges():
     rows = {row["name"]: row for row in describe_options(Sampling)}
-    assert rows["n"] == {"name": "n", "type": "int", "default": 5, "doc": "candidates", "range": ">= 1"}
+    assert rows["n"] == {"name": "n", "type": "int", "required": False, "default": 5, "doc": "candidates",
+                         "range": ">= 1"}
     assert rows["top_p"]["range"] == "> 0.0 and <= 1.0"
     assert {row["name"]: row["type"] for row in describe_options(RangedOptions)}["layers"] == "list[int] | null"
+
+
+def test_describe_options_marks_options_without_default_as_required():
+    @dataclass(frozen=True)
+    class WithRequired:
+        vectors: str = option(doc="artifact path")
+        alpha: float = option(1.0, doc="strength")
+
+    assert {row["name"]: row["required"] for row in describe_options(WithRequired)} == {"vectors": True,
+                                                                                       "alpha": False}

@@ -47,8 +47,9 @@ class Defense:
     def transform_inputs(self, call: "GenerationCall") -> None:
         """Edit ``call.inputs`` in place (through the call's helpers) before generation."""
 
-    def around_generate(self, call: "GenerationCall", proceed: Callable[[], Any]) -> Any:
-        """Run ``proceed()`` (the rest of the chain) and return a GenerateDecoderOnlyOutput."""
+    def around_generate(self, call: "GenerationCall", proceed: Callable[..., Any]) -> Any:
+        """Run ``proceed(**overrides)`` (the rest of the chain; ``overrides`` replace generate
+        kwargs, e.g. ``streamer=None`` to buffer) and return a GenerateDecoderOnlyOutput."""
         return proceed()
 
     def interventions(self, call: "GenerationCall") -> Sequence["Intervention"]:

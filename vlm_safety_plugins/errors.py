@@ -1,5 +1,7 @@
 """Exceptions with messages that say what was wrong and where."""
 
+from contextlib import contextmanager
+
 
 class VLMSafetyError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -20,3 +22,16 @@ class DefenseError(VLMSafetyError, RuntimeError):
 
 class AdapterError(VLMSafetyError, RuntimeError):
     """The model or processor does not look like what the model adapter expects."""
+
+
+class ModelLoadError(VLMSafetyError, OSError):
+    """A model, processor or tokenizer could not be loaded (bad name, missing path, offline)."""
+
+
+@contextmanager
+def loading(what: str):
+    """Turn any error raised while loading ``what`` into a ModelLoadError that names it."""
+    try:
+        yield
+    except Exception as error:
+        raise ModelLoadError(f"could not load {what}: {type(error).__name__}: {error}") from None

@@ -114,10 +114,10 @@ class ActiveInterventions:
     """The interventions of one generate call, with the positions each layer has seen so far."""
 
     def __init__(self, owner: object, interventions: Sequence[Intervention], *, prompt_length: int,
-                 batch_size: int):
+                 batch_size: int, start_position: int = 0):
         self.owner = owner
         self.interventions = list(interventions)
-        self.prompt_length, self.batch_size = prompt_length, batch_size
+        self.prompt_length, self.batch_size, self.start_position = prompt_length, batch_size, start_position
         self.seen: dict[int, int] = {}
         self.gate_open: dict[int, torch.Tensor] = {}
 
@@ -126,7 +126,7 @@ class ActiveInterventions:
         return self.gate_open.get(id(intervention))
 
     def __call__(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        start = self.seen.get(layer, 0)
+        start = self.seen.get(layer, self.start_position)
         length = hidden.shape[1]
         self.seen[layer] = start + length
         rows = self._row_index(hidden.shape[0], hidden.device)
@@ -195,9 +195,13 @@ class InterventionHooks:
         return active(index, output)
 
     @contextlib.contextmanager
-    def activate(self, interventions: Sequence[Intervention], *, prompt_length: int,
-                 batch_size: int) -> Iterator[ActiveInterventions | None]:
-        """Apply ``interventions`` to forward passes of this model in this context only."""
+    def activate(self, interventions: Sequence[Intervention], *, prompt_length: int, batch_size: int,
+                 start_position: int = 0) -> Iterator[ActiveInterventions | None]:
+        """Apply ``interventions`` to forward passes of this model in this context only.
+
+        ``start_position`` is the number of positions already in the KV cache when the
+        first forward pass runs (0 for a fresh generate).
+        """
         if not interventions:
             yield None
             return
@@ -207,7 +211,8 @@ class InterventionHooks:
                 raise ValueError(f"{type(intervention).__name__} targets layer {bad[0]}, "
                                  f"but the model has decoder layers 0..{self.num_layers - 1}")
             intervention.check(self.hidden_size, batch_size)
-        state = ActiveInterventions(self, interventions, prompt_length=prompt_length, batch_size=batch_size)
+        state = ActiveInterventions(self, interventions, prompt_length=prompt_length, batch_size=batch_size,
+                                    start_position=start_position)
         token = _ACTIVE.set(state)
         try:
             yield state

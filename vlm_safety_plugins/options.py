@@ -61,15 +61,16 @@ def options_to_dict(options: Any) -> dict:
 
 
 def describe_options(cls: type) -> list[dict]:
-    """One row per option: name, type, default, range and doc (for docs and ``--help``)."""
+    """One row per option: name, type, required, default, range and doc (for docs and ``--help``)."""
     hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         if dataclasses.is_dataclass(default):
             default = dataclasses.asdict(default)
-        rows.append({"name": f.name, "type": type_name(hints[f.name]), "default": default,
+        rows.append({"name": f.name, "type": type_name(hints[f.name]), "required": required, "default": default,
                      "doc": f.metadata.get("doc", ""), "range": _range_text(f.metadata)})
     return rows
 

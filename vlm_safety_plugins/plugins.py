@@ -1,9 +1,9 @@
 """The plugin manager: built-in plugins and third-party entry points, registered alike.
 
-Built-in modules are registered at import, exactly as an external plugin would be.
-Third-party packages declare ``[project.entry-points.vlm_safety_plugins]``; they are
-imported lazily, once, the first time the registry is needed. Importing a plugin runs
-its code, so two environment variables decide which entry points load:
+Built-in modules are registered exactly as an external plugin would be. Third-party
+packages declare ``[project.entry-points.vlm_safety_plugins]``. Both are imported lazily,
+once, the first time the registry is needed. Importing a plugin runs its code, so two
+environment variables decide which entry points load:
 
 - ``VLM_SAFETY_PLUGINS``: comma-separated entry-point names; when set, only these load
   (set it to an empty string to load none).
@@ -40,11 +40,9 @@ BUILTIN_PLUGINS = (
 
 pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
 pm.add_hookspecs(hookspecs)
-for _module in BUILTIN_PLUGINS:
-    pm.register(importlib.import_module(_module), name=_module)
 
 _load_lock = threading.Lock()
-_entry_points_loaded = False
+_plugins_loaded = False
 
 
 @dataclass(frozen=True)
@@ -73,25 +71,32 @@ class Registry:
 _registry_cache: tuple[frozenset, Registry] | None = None
 
 
-def load_entry_points() -> None:
-    """Import and register the allowed third-party plugins; runs once per process."""
-    global _entry_points_loaded
+def load_plugins() -> None:
+    """Register the built-in plugins, then the allowed third-party ones; runs once per process.
+
+    Deferred to first use because plugin modules import torch: a command that never looks
+    at the registry (``vlm-safety --help``) starts without it.
+    """
+    global _plugins_loaded
     with _load_lock:
-        if _entry_points_loaded:
+        if _plugins_loaded:
             return
+        for module in BUILTIN_PLUGINS:
+            if pm.get_plugin(module) is None:
+                pm.register(importlib.import_module(module), name=module)
         allow, block = _names_from_env(ALLOW_ENV), _names_from_env(BLOCK_ENV) or set()
         for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             if entry_point.name in block or (allow is not None and entry_point.name not in allow):
                 continue
             if pm.get_plugin(entry_point.name) is None:
                 pm.register(entry_point.load(), name=entry_point.name)
-        _entry_points_loaded = True
+        _plugins_loaded = True
 
 
 def registry() -> Registry:
     """The current registry; rebuilt only when the set of registered plugins changes."""
     global _registry_cache
-    load_entry_points()
+    load_plugins()
     key = frozenset(id(plugin) for plugin in pm.get_plugins())
     cached = _registry_cache
     if cached is not None and cached[0] == key:

@@ -28,7 +28,7 @@ from .config import GENERATION_CONFIG_KEY, SafetyConfig
 from .defense import Defense, Resources
 from .errors import DefenseError
 from .interventions import InterventionHooks
-from .report import MODIFIED, DefenseRecord, SafetyReport
+from .report import DefenseRecord, SafetyReport
 
 ATTACHMENT_ATTRIBUTE = "_vlm_safety_attachment"
 CACHE_LIMIT = 64  # distinct configs (and defense instances) kept per attached model
@@ -201,14 +201,15 @@ class GenerationCall:
                                    f"{shape} but no known fill value")
             content, padding = INSERTED_VALUES[name]
             if name == "input_ids":
-                content, padding = ids, self._pad_token_id()
+                content, padding = ids, self.pad_token_id()
             content = torch.as_tensor(content, dtype=tensor.dtype, device=tensor.device).expand(len(ids))
             padding = torch.as_tensor(padding, dtype=tensor.dtype, device=tensor.device).expand(len(ids))
             self.inputs[name] = torch.stack([
                 torch.cat([row[:at], content, row[at:]]) if keep else torch.cat([padding, row])
                 for row, at, keep in zip(tensor, positions.tolist(), selected)])
 
-    def _pad_token_id(self) -> int:
+    def pad_token_id(self) -> int:
+        """The pad token id of this call (generation config first, then the tokenizer)."""
         pad = self.generation_config.pad_token_id
         pad = self.adapter.tokenizer.pad_token_id if pad is None else pad
         if pad is None:
@@ -227,9 +228,9 @@ class GenerationCall:
         if criteria:
             kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), *criteria])
         interventions = self._collect("interventions")
-        prompt = kwargs["input_ids"]
-        with self.attachment.hooks.activate(interventions, prompt_length=prompt.shape[1],
-                                            batch_size=prompt.shape[0]):
+        prompt, cache = kwargs["input_ids"], kwargs.get("past_key_values")
+        with self.attachment.hooks.activate(interventions, prompt_length=prompt.shape[1], batch_size=prompt.shape[0],
+                                            start_position=cache.get_seq_length() if cache is not None else 0):
             return self.attachment.original_generate(**kwargs)
 
     # -- the call itself ----------------------------------------------------------------
@@ -240,22 +241,23 @@ class GenerationCall:
         try:
             for defense in self._defenses_doing("transform_inputs"):
                 self._step(defense, defense.transform_inputs, self)
-            output = self._around(list(self._defenses_doing("around_generate")))
+            output = self._around(self._defenses_doing("around_generate"), {})
             output = self._restore_prompt(output)
         except _DefenseFailed as failure:
             if self.config.on_error == "raise":
-                raise failure.error
+                raise failure.error from None
             output = self._refuse(f"{failure.defense}: {type(failure.error).__name__}: {failure.error}")
         output.safety = self.reports
         for report in self.reports:
             plugins.pm.hook.safety_report(report=report)
         return output if wants_dict else output.sequences
 
-    def _around(self, chain: list[Defense]):
+    def _around(self, chain: list[Defense], overrides: dict):
         if not chain:
-            return self.generate()
+            return self.generate(**overrides)
         outer, rest = chain[0], chain[1:]
-        return self._step(outer, outer.around_generate, self, lambda: self._around(rest))
+        return self._step(outer, outer.around_generate, self,
+                          lambda **inner: self._around(rest, {**overrides, **inner}))
 
     def _step(self, defense: Defense, method: Callable, *args):
         """Run one defense method, timing it into every row's record, tagging its failures."""

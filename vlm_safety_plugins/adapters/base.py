@@ -10,7 +10,7 @@ from ``pixel_values``. Family adapters override only what differs.
 from __future__ import annotations
 
 import functools
-from typing import Any, ClassVar, Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -93,17 +93,19 @@ class ModelAdapter:
                 image = self.corrupted_image(image_mode, generator, size=self.corruption_size(image))
             images.append([image.convert("RGB")] if keep else [])
             texts.append(self.prompt(text, keep))
-        return self._process(texts, images)
+        return self.process(texts, images)
 
-    def _process(self, texts: list[str], images: list[list[Image.Image]]):
-        """Run the processor; families whose processors want nested images override ``_images_argument``."""
+    def process(self, texts: list[str], images: list[list[Image.Image]]):
+        """Run the processor on chat-formatted prompts and one list of images per row, left-padded."""
         bos = self.tokenizer.bos_token
         template_adds_bos = bool(bos) and all(text.startswith(bos) for text in texts)
-        return self.processor(text=texts, images=self._images_argument(images), return_tensors="pt",
+        return self.processor(text=texts, images=self.images_argument(images), return_tensors="pt",
                               padding=True, padding_side="left", add_special_tokens=not template_adds_bos)
 
-    def _images_argument(self, images: list[list[Image.Image]]):
-        """The processor's ``images=`` for one list of images per row: flat, or None if there are none."""
+    def images_argument(self, images: list[list[Image.Image]]):
+        """The processor's ``images=`` for one list of images per row: flat, or None if there are none.
+
+        Families whose processors want nested lists override this."""
         return [image for row in images for image in row] or None
 
     def image_size(self) -> tuple[int, int]:
@@ -145,6 +147,32 @@ class ModelAdapter:
         if end < 0:
             raise AdapterError("the chat template does not reproduce the user's text; cannot locate turns")
         return tuple(self._tokens_from(rendered, end + len(_PROBE_TEXT)))
+
+    def response_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` as the start of an assistant reply right after the turn opener.
+
+        Read off the chat template rendering a reply, so leading-space conventions
+        (SentencePiece ``▁``, byte-level ``Ġ``) come out as the model would generate them.
+        """
+        rendered = self.processor.apply_chat_template(
+            self.messages(_PROBE_TEXT, with_image=False) + [{"role": "assistant", "content": [
+                {"type": "text", "text": text}]}], tokenize=False)
+        start = rendered.rfind(text)
+        if start < 0 or rendered.rfind(_PROBE_TEXT) > start:
+            return self.continuation_ids(text)
+        encoded = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+        return [token for token, (begin, stop) in zip(encoded["input_ids"], encoded["offset_mapping"])
+                if begin < start + len(text) and stop > start]
+
+    def user_text(self, input_ids: torch.Tensor) -> str:
+        """Best-effort text of the last user turn of one row's prompt (images and markup removed)."""
+        end = int(self.user_turn_end(input_ids[None])[0])
+        before = self.prompt(_PROBE_TEXT, with_image=False)
+        opener = before[:before.rfind(_PROBE_TEXT)]
+        for special in self.tokenizer.all_special_tokens:
+            opener = opener.rsplit(special, 1)[-1]
+        text = self.tokenizer.decode(input_ids[:end], skip_special_tokens=True)
+        return text.rsplit(opener.strip(), 1)[-1].strip() if opener.strip() else text.strip()
 
     def continuation_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` as it tokenizes right after earlier text (no BOS, in-context spaces)."""

@@ -10,7 +10,7 @@ class Gemma3Adapter(ModelAdapter):
     name = "gemma3"
     model_types = ("gemma3",)
 
-    def _images_argument(self, images):
+    def images_argument(self, images):
         return images if any(images) else None
 
 

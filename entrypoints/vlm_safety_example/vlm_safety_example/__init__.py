@@ -1,0 +1,1 @@
+"""Example vlm-safety-plugins plugin; everything lives in ``plugin.py``."""

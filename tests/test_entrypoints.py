@@ -1,0 +1,116 @@
+"""The example third-party plugin (entrypoints/vlm_safety_example), found through its entry point."""
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vlm_safety_plugins as vsp
+from vlm_safety_plugins import plugins
+from vlm_safety_plugins.testing import tiny_image, tiny_vlm
+
+EXAMPLE_DISTRIBUTION = "vlm-safety-example"
+INSTALL_HINT = "pip install --no-deps -e entrypoints/vlm_safety_example"
+REQUESTS = [("What is shown in this image?", tiny_image()), ("Describe the picture in detail.", None)]
+MAX_NEW_TOKENS = 12
+
+
+def require_example_plugin():
+    """The example plugin's module; fails (never skips) when its distribution is not installed."""
+    if not any(importlib.metadata.distributions(name=EXAMPLE_DISTRIBUTION)):
+        pytest.fail(f"the example plugin package is not installed; run: {INSTALL_HINT}", pytrace=False)
+    from vlm_safety_example import plugin
+
+    return plugin
+
+
+@pytest.fixture(scope="module")
+def example():
+    return require_example_plugin()
+
+
+@pytest.fixture(scope="module")
+def llava():
+    """An attached tiny LLaVA, its adapter, inputs for REQUESTS and their undefended new tokens."""
+    model, processor = tiny_vlm("llava")
+    vsp.attach(model, processor)
+    adapter = vsp.get_attachment(model).adapter
+    inputs = adapter.build_inputs(REQUESTS)
+    vanilla = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS)[:, inputs["input_ids"].shape[1]:]
+    yield model, adapter, inputs, vanilla
+    vsp.detach(model)
+
+
+def test_example_plugin_is_discovered_through_its_entry_point(example):
+    registry = plugins.registry()
+    assert plugins.pm.get_plugin("example") is example
+    defense, evaluator = registry.defenses["keyword_refusal"], registry.evaluators["length_evaluator"]
+    assert defense.cls is example.KeywordRefusal and evaluator.cls is example.LengthEvaluator
+    for item in (defense, evaluator):
+        assert (item.distribution, item.version) == (EXAMPLE_DISTRIBUTION, "0.1.0")
+    assert defense.cls.kinds() == ("logits_processors",)
+    assert evaluator.cls().score(["a short answer", ""]) == [3.0, 0.0]
+
+
+def _keywords_in(vanilla, adapter):
+    """Words of the undefended answers whose banned token the undefended model really generates."""
+    generated = set(vanilla.flatten().tolist())
+    words = " ".join(adapter.tokenizer.batch_decode(vanilla, skip_special_tokens=True)).split()
+    return sorted({word for word in words if adapter.continuation_ids(" " + word)[0] in generated})
+
+
+def test_keyword_refusal_enabled_from_yaml_bans_its_tokens(example, llava, tmp_path, monkeypatch):
+    model, adapter, inputs, vanilla = llava
+    keywords = _keywords_in(vanilla, adapter)
+    assert keywords, "the undefended tiny model should generate at least one whole word"
+    banned = sorted({adapter.continuation_ids(" " + word)[0] for word in keywords})
+    path = tmp_path / "keywords.yaml"
+    path.write_text(f"defenses:\n  keyword_refusal:\n    keywords: {json.dumps(keywords)}\n")
+    audit = tmp_path / "audit.jsonl"
+    monkeypatch.setenv(example.AUDIT_ENV, str(audit))
+
+    gen = vsp.load_config(path).to_generation_config(model.generation_config, max_new_tokens=MAX_NEW_TOKENS,
+                                                      return_dict_in_generate=True)
+    out = model.generate(**inputs, images=[image for _, image in REQUESTS], generation_config=gen)
+    defended = out.sequences[:, inputs["input_ids"].shape[1]:]
+
+    assert not torch.isin(defended, torch.tensor(banned)).any()
+    for row, report in enumerate(out.safety):
+        record = report.defenses["keyword_refusal"]
+        assert record.ran and record.details["banned_token_ids"] == banned
+        hit = bool(torch.isin(vanilla[row], torch.tensor(banned)).any())
+        assert (record.decision == "modified") == hit == (record.details["blocked_steps"] > 0)
+        if not hit:
+            assert torch.equal(defended[row], vanilla[row])
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert lines == list(example.REPORTS)[-2:] == [report.to_dict() for report in out.safety]
+
+
+def test_keyword_refusal_options_are_validated(example, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("defenses:\n  keyword_refusal: {keywords: bomb}\n")
+    with pytest.raises(vsp.ConfigError, match=r"defenses\.keyword_refusal\.keywords: expected list\[str\]"):
+        vsp.load_config(path)
+
+
+def test_environment_allowlist_and_blocklist_decide_which_entry_points_load(example):
+    script = "import json; from vlm_safety_plugins import plugins; print(json.dumps(sorted(plugins.registry().defenses)))"
+    clean = {name: value for name, value in os.environ.items() if name not in (plugins.ALLOW_ENV, plugins.BLOCK_ENV)}
+    cases = {  # extra environment -> whether the example defense loads
+        (plugins.ALLOW_ENV, ""): False,
+        (plugins.BLOCK_ENV, "example"): False,
+        (plugins.ALLOW_ENV, "example"): True,
+    }
+    running = {case: subprocess.Popen([sys.executable, "-c", script], env={**clean, case[0]: case[1]},
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for case in cases}
+    for case, process in running.items():
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+        defenses = json.loads(stdout.splitlines()[-1])
+        assert "adashield" in defenses, case  # built-ins are not entry points: always registered
+        assert ("keyword_refusal" in defenses) is cases[case], case
