@@ -237,3 +237,19 @@ def test_layers_returning_tuples_are_edited_in_their_first_element():
     assert torch.equal(second[0], torch.ones(1, 3, 4))
     hooks.remove()
     assert not layers[1]._forward_hooks
+
+
+def test_continuation_rows_steer_each_generated_row_as_the_call_row_it_continues(attached):
+    model, attachment, layers, inputs = attached
+    hidden = attachment.adapter.hidden_size()
+    per_row = torch.stack([torch.full((hidden,), 1.0), torch.full((hidden,), -2.0)])
+    intervention = vsp.AddVector({0: per_row}, scope="all", rows=[False, True])
+    # row 1 is text-only: its per-position inputs are all it needs
+    three_of_row_1 = {name: value[[1, 1, 1]] for name, value in inputs.items()
+                      if value.shape[:2] == inputs["input_ids"].shape}
+    vanilla = prefill_states(model, three_of_row_1, layers)
+    with torch.no_grad(), capture(layers) as outputs, attachment.hooks.activate(
+            [intervention], prompt_length=inputs["input_ids"].shape[1], batch_size=2, rows=[1, 1, 1]):
+        model(**three_of_row_1)
+    # row 1's own vector (and its rows-mask entry) apply to all three copies
+    torch.testing.assert_close(outputs[0][0] - vanilla[0], per_row[1].expand_as(vanilla[0]))

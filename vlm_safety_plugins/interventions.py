@@ -114,10 +114,11 @@ class ActiveInterventions:
     """The interventions of one generate call, with the positions each layer has seen so far."""
 
     def __init__(self, owner: object, interventions: Sequence[Intervention], *, prompt_length: int,
-                 batch_size: int, start_position: int = 0):
+                 batch_size: int, start_position: int = 0, rows: Sequence[int] | None = None):
         self.owner = owner
         self.interventions = list(interventions)
-        self.prompt_length, self.batch_size, self.start_position = prompt_length, batch_size, start_position
+        self.prompt_length, self.start_position = prompt_length, start_position
+        self.rows = torch.arange(batch_size) if rows is None else torch.as_tensor(list(rows), dtype=torch.long)
         self.seen: dict[int, int] = {}
         self.gate_open: dict[int, torch.Tensor] = {}
 
@@ -148,10 +149,10 @@ class ActiveInterventions:
         return hidden
 
     def _row_index(self, n: int, device: torch.device) -> torch.Tensor:
-        if n % self.batch_size:
+        if n % len(self.rows):
             raise RuntimeError(f"decoder batch of {n} rows is not a multiple of the call's "
-                               f"{self.batch_size} input rows")
-        return torch.arange(self.batch_size, device=device).repeat_interleave(n // self.batch_size)
+                               f"{len(self.rows)} input rows")
+        return self.rows.to(device).repeat_interleave(n // len(self.rows))
 
     def _maybe_decide_gate(self, intervention, layer, hidden, start):
         gate = intervention.gate
@@ -196,11 +197,14 @@ class InterventionHooks:
 
     @contextlib.contextmanager
     def activate(self, interventions: Sequence[Intervention], *, prompt_length: int, batch_size: int,
-                 start_position: int = 0) -> Iterator[ActiveInterventions | None]:
+                 start_position: int = 0, rows: Sequence[int] | None = None) -> Iterator[ActiveInterventions | None]:
         """Apply ``interventions`` to forward passes of this model in this context only.
 
+        ``batch_size`` is the number of input rows the interventions were made for.
         ``start_position`` is the number of positions already in the KV cache when the
-        first forward pass runs (0 for a fresh generate).
+        first forward pass runs (0 for a fresh generate). ``rows``, for a generate that
+        continues some of those rows (say N candidates of row 3: ``[3] * N``), gives the
+        input row of each row of this generate; by default row i is input row i.
         """
         if not interventions:
             yield None
@@ -212,7 +216,7 @@ class InterventionHooks:
                                  f"but the model has decoder layers 0..{self.num_layers - 1}")
             intervention.check(self.hidden_size, batch_size)
         state = ActiveInterventions(self, interventions, prompt_length=prompt_length, batch_size=batch_size,
-                                    start_position=start_position)
+                                    start_position=start_position, rows=rows)
         token = _ACTIVE.set(state)
         try:
             yield state

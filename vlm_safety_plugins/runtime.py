@@ -216,9 +216,15 @@ class GenerationCall:
             raise DefenseError("cannot pad the batch: neither the generation config nor the tokenizer has a pad token")
         return int(pad[0] if isinstance(pad, (list, tuple)) else pad)
 
-    def generate(self, **overrides) -> GenerateDecoderOnlyOutput:
+    def generate(self, *, rows: Sequence[int] | None = None, **overrides) -> GenerateDecoderOnlyOutput:
         """The inner transformers generate: current inputs, the defenses' interventions,
-        logits processors and stopping criteria; ``overrides`` replace generate kwargs."""
+        logits processors and stopping criteria; ``overrides`` replace generate kwargs.
+
+        ``rows`` marks a continuation of some of this call's rows from a KV cache of their
+        prompt (``past_key_values`` and grown ``input_ids`` in ``overrides``): per generated
+        row, the call row it continues. Interventions then steer each row as its call row,
+        with positions counted from the call's prompt, as in one uninterrupted generate.
+        """
         kwargs = {**self.kwargs, **self.inputs, **overrides}
         _force_dict_output(kwargs)
         processors = self._collect("logits_processors")
@@ -228,9 +234,10 @@ class GenerationCall:
         if criteria:
             kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), *criteria])
         interventions = self._collect("interventions")
-        prompt, cache = kwargs["input_ids"], kwargs.get("past_key_values")
+        prompt, cache = (self.inputs if rows is not None else kwargs)["input_ids"], kwargs.get("past_key_values")
         with self.attachment.hooks.activate(interventions, prompt_length=prompt.shape[1], batch_size=prompt.shape[0],
-                                            start_position=cache.get_seq_length() if cache is not None else 0):
+                                            start_position=cache.get_seq_length() if cache is not None else 0,
+                                            rows=rows):
             return self.attachment.original_generate(**kwargs)
 
     # -- the call itself ----------------------------------------------------------------
