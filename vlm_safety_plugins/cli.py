@@ -146,14 +146,13 @@ def _load_image(path):
 
 def _load_model(name, seed):
     """(model, processor): a tiny offline model, or a checkpoint by hub id or local path."""
-    if name.startswith(TINY_PREFIX):
-        from . import testing
+    from . import offline_models
 
-        families = {TINY_PREFIX + family.replace("_", "-"): family for family in testing.FAMILIES}
-        if name not in families:
-            raise click.BadParameter(f"unknown tiny model {name!r}; valid tiny models: {', '.join(sorted(families))}",
-                                     param_hint="'--model'")
-        return testing.tiny_vlm(families[name], seed=seed)
+    if name in offline_models.VLMS:
+        return offline_models.VLMS[name](seed)
+    if name.startswith(TINY_PREFIX):
+        raise click.BadParameter(f"unknown offline model {name!r}; offline models: "
+                                 f"{', '.join(sorted(offline_models.VLMS))}", param_hint="'--model'")
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     try:

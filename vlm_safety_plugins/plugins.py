@@ -36,6 +36,8 @@ BUILTIN_PLUGINS = (
     "vlm_safety_plugins.adapters.qwen2_vl",
     "vlm_safety_plugins.adapters.gemma3",
     "vlm_safety_plugins.defenses.adashield",
+    "vlm_safety_plugins.defenses.eta",
+    "vlm_safety_plugins.evaluators.builtin",
 )
 
 pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)

@@ -221,12 +221,12 @@ class GenerationCall:
         logits processors and stopping criteria; ``overrides`` replace generate kwargs.
 
         ``rows`` marks a continuation of some of this call's rows from a KV cache of their
-        prompt (``past_key_values`` and grown ``input_ids`` in ``overrides``): per generated
-        row, the call row it continues. Interventions then steer each row as its call row,
+        prompt: per generated row, the call row it continues. ``overrides`` then carry all
+        the model inputs (``past_key_values``, the grown ``input_ids`` and attention mask;
+        image inputs live in the cache), and interventions steer each row as its call row,
         with positions counted from the call's prompt, as in one uninterrupted generate.
         """
-        kwargs = {**self.kwargs, **self.inputs, **overrides}
-        _force_dict_output(kwargs)
+        kwargs = _inner_generate_kwargs({**self.kwargs, **(self.inputs if rows is None else {}), **overrides})
         processors = self._collect("logits_processors")
         if processors:
             kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), *processors])
@@ -344,13 +344,20 @@ def _wants_dict_output(kwargs: dict, generation_config) -> bool:
     return bool(getattr(generation_config, "return_dict_in_generate", False))
 
 
-def _force_dict_output(kwargs: dict) -> None:
-    """Ask the inner generate for a GenerateDecoderOnlyOutput without changing its tokens."""
-    if kwargs.get("generation_config") is not None and "return_dict_in_generate" not in kwargs:
-        kwargs["generation_config"] = copy.copy(kwargs["generation_config"])
-        kwargs["generation_config"].return_dict_in_generate = True
-    else:
-        kwargs["return_dict_in_generate"] = True
+def _inner_generate_kwargs(kwargs: dict) -> dict:
+    """``kwargs`` for the inner generate, asking for a GenerateDecoderOnlyOutput.
+
+    Generation settings given beside a GenerationConfig (the caller's, or a defense's
+    overrides) are folded into a copy of it, as transformers itself would, so that a
+    defended call never trips transformers' warning about passing both.
+    """
+    config = kwargs.get("generation_config")
+    if config is None:
+        return {**kwargs, "return_dict_in_generate": True}
+    config = copy.deepcopy(config)
+    rest = config.update(**{name: value for name, value in kwargs.items() if name != "generation_config"})
+    config.return_dict_in_generate = True
+    return {**rest, "generation_config": config}
 
 
 def _normalise_images(images: Any, batch_size: int) -> list[list[Any]] | None:

@@ -206,6 +206,15 @@ class ModelAdapter:
         """Per row, the index of the first assistant token (right after the opener)."""
         return self.user_turn_end(input_ids) + len(self.turn_suffix_ids)
 
+    # -- continuing from a cache ------------------------------------------------------------
+
+    def select_cached_rows(self, rows: Sequence[int]) -> None:
+        """Narrow per-batch state the model keeps between forward passes to ``rows``.
+
+        Called before generation continues from a KV cache holding those rows of an
+        earlier batch. Most models keep no such state; Qwen2-VL keeps its M-RoPE offsets.
+        """
+
     # -- raw images -------------------------------------------------------------------------
 
     def rebuild_images(self, inputs: dict) -> list[list[Image.Image]]:

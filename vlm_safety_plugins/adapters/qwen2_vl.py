@@ -18,6 +18,12 @@ class Qwen2VLAdapter(ModelAdapter):
     def corruption_size(self, image):
         return image.size
 
+    def select_cached_rows(self, rows):
+        # The M-RoPE offset of each row of the last prefill; decode steps add it to their positions.
+        inner = self.base_model.model
+        if getattr(inner, "rope_deltas", None) is not None and inner.rope_deltas.shape[0] > 1:
+            inner.rope_deltas = inner.rope_deltas[list(rows)]
+
 
 @hookimpl
 def register_model_adapters(register):

@@ -99,8 +99,13 @@ class ClipScorer(Evaluator):
         """Load by name: an open_clip model name + ``pretrained`` tag or file, or a hub id / local path.
 
         ``model`` defaults to the reference's CLIP ViT-L/14-336 in the backend's naming;
-        ``pretrained`` is used by open_clip only. Raises ModelLoadError if loading fails.
+        ``pretrained`` is used by open_clip only. An offline model name (``tiny-clip``, see
+        ``offline_models.CLIPS``) builds that model instead. Raises ModelLoadError if loading fails.
         """
+        from .. import offline_models
+
+        if model in offline_models.CLIPS:
+            return cls.from_open_clip(*offline_models.CLIPS[model](), device=device, batch_size=batch_size)
         if backend not in DEFAULT_MODELS:
             raise ValueError(f"unknown CLIP backend {backend!r}; expected one of: {', '.join(DEFAULT_MODELS)}")
         model = model or DEFAULT_MODELS[backend]

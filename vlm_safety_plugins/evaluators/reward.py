@@ -61,8 +61,15 @@ class RewardScorer(Evaluator):
         """Load a reward model and its tokenizer from a hub id or local directory.
 
         ArmoRM: ``RewardScorer.load("RLHFlow/ArmoRM-Llama3-8B-v0.1", trust_remote_code=True,
-        dtype=torch.bfloat16, device="cuda")``. Raises ModelLoadError if loading fails.
+        dtype=torch.bfloat16, device="cuda")``. An offline model name (``tiny-reward-model``, see
+        ``offline_models.REWARD_MODELS``) builds that model instead. Raises ModelLoadError if loading fails.
         """
+        from .. import offline_models
+
+        if path in offline_models.REWARD_MODELS:
+            model, tokenizer = offline_models.REWARD_MODELS[path]()
+            return cls(model.to(device) if device else model, tokenizer, max_length=max_length,
+                       batch_size=batch_size)
         with loading(f"reward model {path!r} (a hub id or local directory)"):
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
