@@ -14,7 +14,7 @@ Names that need torch or transformers are imported on first use, so that the lig
 import importlib
 
 from .config import SafetyConfig, load_config
-from .errors import AdapterError, ConfigError, DefenseError, ModelLoadError, VLMSafetyError
+from .errors import AdapterError, ArtifactError, ConfigError, DefenseError, ModelLoadError, VLMSafetyError
 from .hookspecs import hookimpl
 from .options import option
 from .report import MODIFIED, PASS, REFUSED, DefenseRecord, SafetyReport
@@ -25,10 +25,16 @@ _LAZY = {
     "Evaluator": ".evaluator",
     "ClipScorer": ".evaluators",
     "RewardScorer": ".evaluators",
+    "AddPromptProjection": ".interventions",
     "AddVector": ".interventions",
     "Gate": ".interventions",
     "Intervention": ".interventions",
     "ProjectOut": ".interventions",
+    "SubspaceIntervention": ".interventions",
+    "CmrmVectors": ".artifacts",
+    "SafetySubspace": ".artifacts",
+    "calibrate_cmrm": ".calibration",
+    "calibrate_vlm_guard": ".calibration",
     "InterferencePrefixProcessor": ".processors",
     "SentenceBoundaryCriteria": ".processors",
     "GenerationCall": ".runtime",
@@ -38,20 +44,26 @@ _LAZY = {
 }
 
 __all__ = [
-    "AdapterError", "AddVector", "ClipScorer", "ConfigError", "Defense", "DefenseError", "DefenseRecord",
-    "Evaluator", "Gate", "GenerationCall", "InterferencePrefixProcessor", "Intervention", "MODIFIED",
-    "ModelAdapter", "ModelLoadError", "PASS", "ProjectOut", "REFUSED", "RewardScorer", "SafetyConfig",
-    "SafetyReport", "SentenceBoundaryCriteria", "VLMSafetyError", "attach", "detach", "get_attachment",
-    "hookimpl", "load_config", "option",
+    "AdapterError", "AddPromptProjection", "AddVector", "ArtifactError", "ClipScorer", "CmrmVectors",
+    "ConfigError", "Defense", "DefenseError", "DefenseRecord", "Evaluator", "Gate", "GenerationCall",
+    "InterferencePrefixProcessor", "Intervention", "MODIFIED", "ModelAdapter", "ModelLoadError", "PASS",
+    "ProjectOut", "REFUSED", "RewardScorer", "SafetyConfig", "SafetyReport", "SafetySubspace",
+    "SentenceBoundaryCriteria", "SubspaceIntervention", "VLMSafetyError", "attach", "calibrate_cmrm",
+    "calibrate_vlm_guard", "detach", "get_attachment", "hookimpl", "load_config", "option",
 ]
 
 
 def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    try:  # a submodule, e.g. ``vsp.adapters``
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as error:
+        if error.name != f"{__name__}.{name}":
+            raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():

@@ -5,7 +5,7 @@ but not real weights. Everything here is built in-process in seconds: no hub acc
 no downloads. Weights are random but deterministic for a given ``seed``.
 
 Public API: :data:`FAMILIES`, :func:`tiny_vlm`, :func:`tiny_clip`,
-:func:`tiny_reward_model`, :func:`tiny_image`.
+:func:`tiny_reward_model`, :func:`tiny_image`, and :func:`sized_llava` for benchmarks.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["FAMILIES", "IMAGE_SIZE", "tiny_clip", "tiny_image", "tiny_reward_model", "tiny_vlm"]
+__all__ = ["FAMILIES", "IMAGE_SIZE", "sized_llava", "tiny_clip", "tiny_image", "tiny_reward_model", "tiny_vlm"]
 
 FAMILIES = ("llava", "qwen2_vl", "gemma3")
 """Model families :func:`tiny_vlm` can build."""
@@ -310,23 +310,24 @@ def _seeded(seed: int, build):
         return build()
 
 
-def _build_llava(seed: int):
+def _build_llava(seed: int, image_size: int = IMAGE_SIZE, text: dict = _TEXT, vision: dict = _VISION):
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tok = _llava_tokenizer()
-    image_proc = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=IMAGE_SIZE)
+    image_proc = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=image_size)
     processor = LlavaProcessor(
         image_processor=image_proc, tokenizer=tok, chat_template=_LLAVA_TEMPLATE, patch_size=_PATCH,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
     )  # fmt: skip
     config = LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", image_size=IMAGE_SIZE, patch_size=_PATCH, **_VISION),
+        vision_config=dict(model_type="clip_vision_model", image_size=image_size, patch_size=_PATCH, **vision),
         text_config=dict(
-            model_type="llama", vocab_size=len(tok), max_position_embeddings=512, initializer_range=_INIT_RANGE,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **_TEXT,
+            model_type="llama", vocab_size=len(tok), max_position_embeddings=max(512, 2 * (image_size // _PATCH) ** 2),
+            initializer_range=_INIT_RANGE, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id, **text,
         ),
         image_token_index=processor.image_token_id,
-        image_seq_length=(IMAGE_SIZE // _PATCH) ** 2,
+        image_seq_length=(image_size // _PATCH) ** 2,
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
     )  # fmt: skip
@@ -431,15 +432,33 @@ def tiny_vlm(family: str = "llava", *, seed: int = 0):
     The processor has a locally trained tokenizer, left padding and a chat template that
     mimics the real checkpoint's. Same ``seed`` -> same weights. Each call returns new objects.
     """
-    from transformers import GenerationConfig
-
     if family not in _BUILDERS:
         raise ValueError(f"unknown VLM family {family!r}; valid families: {', '.join(FAMILIES)}")
-    model, processor, ids = _BUILDERS[family](seed)
+    return _ready(*_BUILDERS[family](seed))
+
+
+def _ready(model, processor, ids):
+    """The built model in float32 eval mode with a greedy generation config, and its processor."""
+    from transformers import GenerationConfig
+
     model.generation_config = GenerationConfig(
         bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"], do_sample=False
     )
     return model.float().eval(), processor
+
+
+def sized_llava(*, image_size: int = 336, hidden_size: int = 512, num_layers: int = 8, seed: int = 0):
+    """A random LLaVA ``(model, processor)`` sized for benchmarks rather than tests.
+
+    At the default 336 px an image is 576 tokens, as in LLaVA-1.5, so prefill costs what
+    it costs in real use relative to decoding; the vision tower stays small (2 layers,
+    width 64). Same tokenizer, chat template and adapter behaviour as ``tiny_vlm("llava")``.
+    """
+    heads = max(1, hidden_size // 64)
+    text = dict(hidden_size=hidden_size, intermediate_size=int(hidden_size * 2.75), num_hidden_layers=num_layers,
+                num_attention_heads=heads, num_key_value_heads=heads)
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+    return _ready(*_build_llava(seed, image_size=image_size, text=text, vision=vision))
 
 
 # ---------------------------------------------------------------------------------------------
