@@ -87,6 +87,26 @@ def test_continuation_ids_have_no_bos_and_decode_back(vlm):
     assert processor.tokenizer.decode(ids).strip() == "As an AI assistant"
 
 
+def test_response_ids_are_what_the_template_puts_after_the_assistant_opener(vlm):
+    model, processor = vlm
+    adapter = find_adapter(model, processor)
+    ids = adapter.response_ids("As an AI assistant")
+    assert processor.tokenizer.bos_token_id not in ids
+    assert processor.tokenizer.decode(ids).strip() == "As an AI assistant"
+    rendered = processor.apply_chat_template(
+        adapter.messages("Hi.", with_image=False) + [{"role": "assistant", "content": [
+            {"type": "text", "text": "As an AI assistant"}]}], tokenize=False)
+    assert processor.tokenizer.decode(ids) in rendered
+
+
+def test_user_text_recovers_each_rows_question(vlm, red_image):
+    model, processor = vlm
+    adapter = find_adapter(model, processor)
+    inputs = adapter.build_inputs([("What is in the picture?", red_image), ("Describe a cat, please.", None)])
+    assert [adapter.user_text(row) for row in inputs["input_ids"]] == ["What is in the picture?",
+                                                                       "Describe a cat, please."]
+
+
 @pytest.mark.parametrize("family", ["llava", "gemma3"])
 def test_raw_images_rebuild_from_pixel_values(family, red_image):
     from vlm_safety_plugins.testing import tiny_vlm

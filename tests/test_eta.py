@@ -8,7 +8,7 @@ import vlm_safety_plugins as vsp
 from vlm_safety_plugins import testing
 from vlm_safety_plugins.best_of_n import GROWING_INPUTS, extend_context, prefill_cache, sentence_best_of_n
 from vlm_safety_plugins.defenses.eta import candidate_scores, uses_utility
-from vlm_safety_plugins.evaluators.reward import BEST_OF_N_INSTRUCTION
+from vlm_safety_plugins.evaluators.reward import BEST_OF_N_INSTRUCTION, POST_EVAL_INSTRUCTION
 
 from .conftest import assert_same_tokens, batch, new_tokens
 
@@ -313,3 +313,14 @@ def test_alignment_keeps_other_defenses_steering_each_row_as_its_own(attached, r
         expected = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
                                   logits_processor=[prefix])
     assert new_tokens(out.sequences, inputs)[0].tolist() == new_tokens(expected, inputs)[0].tolist()
+
+
+def test_reward_model_can_see_the_users_question(attached):
+    model, adapter, image = attached
+    inputs = batch(model, adapter.processor, [("What is in the picture?", image)])
+    answer = adapter.tokenizer.decode(new_tokens(vanilla(model, inputs), inputs)[0], skip_special_tokens=True)
+    reward = vsp.RewardScorer(*testing.tiny_reward_model())
+    for sees, user_turn in (("instruction", POST_EVAL_INSTRUCTION), ("question", "What is in the picture?")):
+        out = run(model, inputs, eta("unsafe", "safe", reward_sees=sees), [image])
+        expected = float(reward.score([user_turn], [answer])[0])
+        assert out.safety[0].defenses["eta"].scores["post"] == pytest.approx(expected, abs=1e-5)
