@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from timing import device_name, interleaved_medians
 
 import vlm_safety_plugins as vsp
 from vlm_safety_plugins import testing
@@ -120,23 +120,6 @@ class ReferenceStyleEta:
         self.runs[-1][stage] = time.perf_counter() - started
 
 
-def interleaved_medians(cases: dict, repeats: int, device: str) -> dict[str, float]:
-    """Median seconds per case; cases run round-robin so drift hits all of them alike."""
-    samples = {name: [] for name in cases}
-    for round_ in range(repeats + 1):
-        for name, run in cases.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            torch.manual_seed(round_)
-            started = time.perf_counter()
-            run()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if round_:  # round 0 warms up
-                samples[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -192,7 +175,7 @@ def main() -> None:
     reference_stages = {stage: statistics.median(run[stage] for run in reference.runs[1:])
                         for stage in ("clip", "vanilla", "reward", "align")}
 
-    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    device = device_name(args.device)
     sentences = details["sentences"]
     lines = [
         f"# ETA speed ({args.device}: {device})",

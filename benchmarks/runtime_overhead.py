@@ -17,12 +17,10 @@ Prints a table of medians and ratios to vanilla, and writes it to --out.
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from timing import device_name, interleaved_medians
 
 import vlm_safety_plugins as vsp
 from vlm_safety_plugins import plugins
@@ -44,22 +42,6 @@ class BenchmarkPlugin:
     @vsp.hookimpl
     def register_defenses(self, register):
         register(SteerAllLayers)
-
-
-def interleaved_medians(cases: dict, repeats: int, device: str) -> dict[str, float]:
-    """Median seconds per case; cases run round-robin so drift hits all of them alike."""
-    samples = {name: [] for name in cases}
-    for round_ in range(repeats + 1):
-        for name, run in cases.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            run()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if round_:  # round 0 warms up
-                samples[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main() -> None:
@@ -96,7 +78,7 @@ def main() -> None:
         cases[name] = lambda config=config: model.generate(**inputs, generation_config=config)
     timings = interleaved_medians(cases, args.repeats, args.device)
 
-    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    device = device_name(args.device)
     lines = [
         f"# Runtime overhead ({args.family}, {args.device}: {device})",
         "",

@@ -79,10 +79,11 @@ def test_turn_positions_and_image_runs(vlm, red_image):
     assert sorted(inputs["attention_mask"][:, 0].tolist()) == [0, 1]  # the shorter row is padded on the left
 
 
-def test_continuation_ids_have_no_bos_and_decode_back(vlm):
+@pytest.mark.parametrize("method, text", [("continuation_ids", " As an AI assistant"),
+                                          ("response_ids", "As an AI assistant")])
+def test_in_context_ids_have_no_bos_and_decode_back(vlm, method, text):
     model, processor = vlm
-    adapter = find_adapter(model, processor)
-    ids = adapter.continuation_ids(" As an AI assistant")
+    ids = getattr(find_adapter(model, processor), method)(text)
     assert processor.tokenizer.bos_token_id not in ids
     assert processor.tokenizer.decode(ids).strip() == "As an AI assistant"
 
@@ -90,13 +91,10 @@ def test_continuation_ids_have_no_bos_and_decode_back(vlm):
 def test_response_ids_are_what_the_template_puts_after_the_assistant_opener(vlm):
     model, processor = vlm
     adapter = find_adapter(model, processor)
-    ids = adapter.response_ids("As an AI assistant")
-    assert processor.tokenizer.bos_token_id not in ids
-    assert processor.tokenizer.decode(ids).strip() == "As an AI assistant"
     rendered = processor.apply_chat_template(
         adapter.messages("Hi.", with_image=False) + [{"role": "assistant", "content": [
             {"type": "text", "text": "As an AI assistant"}]}], tokenize=False)
-    assert processor.tokenizer.decode(ids) in rendered
+    assert processor.tokenizer.decode(adapter.response_ids("As an AI assistant")) in rendered
 
 
 def test_user_text_recovers_each_rows_question(vlm, red_image):
