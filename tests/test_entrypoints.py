@@ -53,7 +53,24 @@ def test_example_plugin_is_discovered_through_its_entry_point(example):
     for item in (defense, evaluator):
         assert (item.distribution, item.version) == (EXAMPLE_DISTRIBUTION, "0.1.0")
     assert defense.cls.kinds() == ("logits_processors",)
-    assert evaluator.cls().score(["a short answer", ""]) == [3.0, 0.0]
+    assert evaluator.cls.load("unused").score(["q", "q"], ["a short answer", ""]).tolist() == [3.0, 0.0]
+
+
+def test_eta_uses_the_plugins_reward_evaluator_by_name(example, llava):
+    model, adapter, inputs, vanilla = llava
+    eta = {"pre_threshold": -1.0, "post_threshold": -1.0, "clip": {"model": "tiny-clip"},
+           "reward_model": {"evaluator": "length_evaluator"}}
+    gen = vsp.SafetyConfig.from_dict({"defenses": {"eta": eta}}).to_generation_config(
+        model.generation_config, max_new_tokens=MAX_NEW_TOKENS, return_dict_in_generate=True)
+    out = model.generate(**inputs, images=[image for _, image in REQUESTS], generation_config=gen)
+    words = [len(text.split()) for text in adapter.tokenizer.batch_decode(vanilla, skip_special_tokens=True)]
+    assert [report.defenses["eta"].scores["post"] for report in out.safety] == words
+    wrong_kind = {**eta, "reward_model": {"evaluator": "clip"}}
+    gen = vsp.SafetyConfig.from_dict({"defenses": {"eta": wrong_kind}}).to_generation_config(
+        model.generation_config, max_new_tokens=MAX_NEW_TOKENS, return_dict_in_generate=True)
+    out = model.generate(**inputs, images=[image for _, image in REQUESTS], generation_config=gen)
+    assert "reward_model.evaluator names no registered reward evaluator 'clip'" in out.safety[0].error
+    assert "length_evaluator" in out.safety[0].error
 
 
 def _keywords_in(vanilla, adapter):

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 from ..best_of_n import GROWING_INPUTS, extend_context, keep_row, prefill_cache, recording_cache, sentence_best_of_n
 from ..defense import Defense
 from ..errors import DefenseError
-from ..evaluators import ClipScorer, RewardScorer
+from .. import plugins
 from ..evaluators.reward import BEST_OF_N_INSTRUCTION, POST_EVAL_INSTRUCTION
 from ..hookspecs import hookimpl
 from ..options import option
@@ -30,6 +30,7 @@ from ..report import MODIFIED
 
 @dataclass(frozen=True)
 class ClipOptions:
+    evaluator: str = option("clip", doc="Registered image-safety evaluator to use (see `vlm-safety plugins`).")
     backend: Literal["open_clip", "transformers"] = option("open_clip", doc="CLIP implementation.")
     model: str = option("ViT-L-14-336", doc="open_clip model name, or a transformers hub id / local path; "
                                             "`tiny-clip` builds the offline test model.")
@@ -39,6 +40,7 @@ class ClipOptions:
 
 @dataclass(frozen=True)
 class RewardModelOptions:
+    evaluator: str = option("reward_model", doc="Registered reward evaluator to use (see `vlm-safety plugins`).")
     path: str = option("RLHFlow/ArmoRM-Llama3-8B-v0.1", doc="Reward model hub id or local path; "
                                                             "`tiny-reward-model` builds the offline test model.")
     trust_remote_code: bool = option(True, doc="Needed by ArmoRM's custom output with `.score`.")
@@ -238,16 +240,28 @@ class Eta(Defense):
     def _clip(self, call):
         options = self.options.clip
         device = options.device or str(call.model.device)
-        return call.resources.get(("clip", options.backend, options.model, options.pretrained, device),
-                                  lambda: ClipScorer.load(options.backend, options.model, options.pretrained, device))
+        cls = _evaluator(options.evaluator, "image_safety", "clip.evaluator")
+        return call.resources.get((cls, options.backend, options.model, options.pretrained, device),
+                                  lambda: cls.load(options.backend, options.model, options.pretrained, device))
 
     def _reward(self, call):
         options = self.options.reward_model
         device = options.device or str(call.model.device)
+        cls = _evaluator(options.evaluator, "reward", "reward_model.evaluator")
         return call.resources.get(
-            ("reward", options.path, options.trust_remote_code, options.max_length, device),
-            lambda: RewardScorer.load(options.path, trust_remote_code=options.trust_remote_code,
-                                      max_length=options.max_length, device=device))
+            (cls, options.path, options.trust_remote_code, options.max_length, device),
+            lambda: cls.load(options.path, trust_remote_code=options.trust_remote_code,
+                             max_length=options.max_length, device=device))
+
+
+def _evaluator(name: str, kind: str, key: str) -> type:
+    """The registered evaluator class ``name``, checked to score ``kind``."""
+    registered = plugins.registry().evaluators
+    if name not in registered or registered[name].cls.kind != kind:
+        known = sorted(item.name for item in registered.values() if item.cls.kind == kind)
+        raise DefenseError(f"eta: {key} names no registered {kind} evaluator {name!r}; "
+                           f"registered: {', '.join(known) or 'none'}")
+    return registered[name].cls
 
 
 def uses_utility(index: int, ended_with_eos: list[bool]) -> bool:

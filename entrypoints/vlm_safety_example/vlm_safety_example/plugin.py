@@ -81,14 +81,23 @@ class KeywordRefusal(Defense):
 
 
 class LengthEvaluator(Evaluator):
-    """Scores each response by its number of words: a stand-in for a real reward model."""
+    """Scores each response by its number of words: a stand-in for a real reward model.
+
+    It has the ``reward`` kind's interface, so ETA can use it by name:
+    ``reward_model: {evaluator: length_evaluator}``.
+    """
 
     name = "length_evaluator"
     kind = "reward"
     description = "Example reward: the number of words in each response."
 
-    def score(self, texts: list[str]) -> list[float]:
-        return [float(len(text.split())) for text in texts]
+    @classmethod
+    def load(cls, path: str, **settings) -> LengthEvaluator:
+        """Nothing to load: the reward kind's loader, with its arguments ignored."""
+        return cls()
+
+    def score(self, instructions: list[str], responses: list[str]) -> torch.Tensor:
+        return torch.tensor([float(len(response.split())) for response in responses])
 
 
 @hookimpl
