@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from timing import device_name, interleaved_medians
+from timing import device_name, interleaved_medians, sized_llava_pair, write_report
 
 import vlm_safety_plugins as vsp
 from vlm_safety_plugins import testing
@@ -132,10 +132,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "eta_speed.md")
     args = parser.parse_args()
 
-    model, processor = testing.sized_llava(hidden_size=args.hidden, num_layers=args.layers)
-    twin, _ = testing.sized_llava(hidden_size=args.hidden, num_layers=args.layers)  # the never-attached baseline
-    model.to(args.device)
-    twin.to(args.device)
+    model, processor, twin = sized_llava_pair(args.hidden, args.layers, args.device)
     adapter = vsp.adapters.find_adapter(twin, processor)
     image = testing.tiny_image((200, 40, 40), size=336)
     inputs = adapter.build_inputs([("What is in the picture?", image)]).to(args.device)
@@ -209,10 +206,7 @@ def main() -> None:
         f"| ... of which candidate decoding | {stages['decode']:.3f} | |",
         f"| ... of which scoring (reward + CLIP) | {stages['score']:.3f} | |",
     ]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

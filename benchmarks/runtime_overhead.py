@@ -20,7 +20,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from timing import device_name, interleaved_medians
+from timing import device_name, interleaved_medians, write_report
 
 import vlm_safety_plugins as vsp
 from vlm_safety_plugins import plugins
@@ -91,10 +91,7 @@ def main() -> None:
     for name, seconds in timings.items():
         lines.append(f"| {name} | {seconds * 1e3:.1f} | {seconds * 1e3 / args.new_tokens:.2f} | "
                      f"{seconds / timings['vanilla']:.3f}x |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Shared fixtures: fresh tiny models of every family, and in-process test plugins."""
 
+import contextlib
+import threading
+
 import pytest
 import torch
 from PIL import Image
@@ -69,5 +72,65 @@ def generation(model, config, **kwargs):
     return vsp.load_config(config).to_generation_config(model.generation_config, **kwargs)
 
 
+@contextlib.contextmanager
+def capture(layers):
+    """Every output of every layer, in call order; hooks registered after the attachment's see edited states."""
+    outputs = {index: [] for index in range(len(layers))}
+    handles = [layer.register_forward_hook(
+        lambda m, a, out, i=i: outputs[i].append((out[0] if isinstance(out, tuple) else out).detach().clone()))
+        for i, layer in enumerate(layers)]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def concurrent(calls, rounds=4):
+    """Run each named zero-argument call ``rounds`` times in a thread of its own, all threads
+    starting together; the outputs per name. A thread's exception is re-raised here."""
+    start, outputs, errors = threading.Barrier(len(calls)), {name: [] for name in calls}, []
+
+    def worker(name):
+        try:
+            start.wait()
+            for _ in range(rounds):
+                outputs[name].append(calls[name]())
+        except Exception as error:  # re-raised below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return outputs
+
+
 def assert_same_tokens(a, b):
     assert a.shape == b.shape and torch.equal(a, b), f"{a.tolist()} != {b.tolist()}"
+
+
+@pytest.fixture(scope="session")
+def calibrated(tmp_path_factory):
+    """``calibrated(family)`` -> (CMRM artifact path, VLM-Guard artifact path) of ``tiny_vlm(family)``,
+    made once per session from a few of the shipped anchors."""
+    from vlm_safety_plugins.anchors import cmrm_anchors, vlm_guard_pairs
+    from vlm_safety_plugins.calibration import calibrate_cmrm, calibrate_vlm_guard
+
+    folder, made = tmp_path_factory.mktemp("artifacts"), {}
+    texts, pairs = cmrm_anchors()[0], vlm_guard_pairs()[0]
+    anchors = texts[:12] + texts[-12:]  # harmful and benign
+
+    def make(family):
+        if family not in made:
+            model, processor = tiny_vlm(family)
+            cmrm = calibrate_cmrm(model, processor, anchors, batch_size=24).save(folder / f"{family}.cmrm.safetensors")
+            guard = calibrate_vlm_guard(model, processor, pairs[:24], batch_size=24).save(
+                folder / f"{family}.vlm_guard.safetensors")
+            made[family] = cmrm, guard
+        return made[family]
+
+    return make

@@ -16,6 +16,7 @@ EXPECTED = {"llava": LlavaAdapter, "qwen2_vl": Qwen2VLAdapter, "gemma3": Gemma3A
 
 
 def lora(model):
+    torch.manual_seed(0)  # LoRA weights are random (init_lora_weights=False): same adapter in any test order
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                             init_lora_weights=False))
 

@@ -324,3 +324,31 @@ def test_reward_model_can_see_the_users_question(attached):
         out = run(model, inputs, eta("unsafe", "safe", reward_sees=sees), [image])
         expected = float(reward.score([user_turn], [answer])[0])
         assert out.safety[0].defenses["eta"].scores["post"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_prompt_derived_steering_lasts_through_every_best_of_n_sentence(attached, register):
+    """With N = 1 and top-k 1 the search is greedy decoding cut into sentences: it must equal
+    one plain generate with the prefix forced and the same gated, prompt-derived steering."""
+    model, adapter, image = attached
+    torch.manual_seed(3)
+    basis = torch.linalg.qr(torch.randn(adapter.hidden_size(), 2))[0].T  # 2 orthonormal rows
+    steering = [vsp.AddPromptProjection({1: basis, 2: basis}, alpha=40.0, gate=vsp.Gate(1, lambda p: p[:, 0] < 1e9))]
+
+    class AmplifyPrompt(vsp.Defense):
+        name = "amplify_prompt_test"
+
+        def interventions(self, call):
+            return steering
+
+    register(AmplifyPrompt)
+    inputs = batch(model, adapter.processor, [("What is in the picture?", image)])
+    settings = eta(best_of_n={"n": 1, "top_k": 1, "max_sentence_tokens": 3}).to_dict()["defenses"]
+    config = vsp.SafetyConfig.from_dict({"defenses": {**settings, "amplify_prompt_test": {}}})
+    out = run(model, inputs, config, [image])
+    assert out.safety[0].defenses["eta"].details["sentences"] >= 2
+    prefix = vsp.InterferencePrefixProcessor(adapter.response_ids(PREFIX))
+    with vsp.get_attachment(model).hooks.activate(steering, prompt_length=inputs["input_ids"].shape[1], batch_size=1):
+        expected = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, logits_processor=[prefix])
+    unsteered = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, logits_processor=[prefix])
+    assert not torch.equal(expected, unsteered)  # the steering matters ...
+    assert_same_tokens(out.sequences, expected)  # ... and it acted in every sentence

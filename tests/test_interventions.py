@@ -1,7 +1,6 @@
 """The residual-stream core: exact edits at exact layers, positions and rows, per call."""
 
 import contextlib
-import threading
 
 import pytest
 import torch
@@ -9,22 +8,9 @@ import torch
 import vlm_safety_plugins as vsp
 from vlm_safety_plugins.interventions import InterventionHooks
 
-from .conftest import assert_same_tokens, batch, generation
+from .conftest import assert_same_tokens, batch, capture, concurrent, generation
 
 STEERED = (1, 2)
-
-
-@contextlib.contextmanager
-def capture(layers):
-    """Record every output of every layer (hooks registered after ours see the edited states)."""
-    outputs = {index: [] for index in range(len(layers))}
-    handles = [layer.register_forward_hook(lambda m, a, out, i=i: outputs[i].append(out.detach().clone()))
-               for i, layer in enumerate(layers)]
-    try:
-        yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def prefill_states(model, inputs, layers, hooks=None, interventions=()):
@@ -166,21 +152,9 @@ def test_concurrent_calls_see_only_their_own_interventions(vlm, red_image, regis
                        max_new_tokens=5, do_sample=False)
     steered = model.generate(**inputs, generation_config=steer)
     assert not torch.equal(steered, vanilla)
-    start, outputs, errors = threading.Barrier(2), {"plain": [], "steered": []}, []
-
-    def worker(kind):
-        try:
-            start.wait()
-            for _ in range(6):
-                extra = {"generation_config": steer} if kind == "steered" else {"max_new_tokens": 5, "do_sample": False}
-                outputs[kind].append(model.generate(**inputs, **extra))
-        except Exception as error:  # surfaced below
-            errors.append(error)
-
-    threads = [threading.Thread(target=worker, args=(kind,)) for kind in outputs]
-    [thread.start() for thread in threads]
-    [thread.join() for thread in threads]
-    assert not errors
+    outputs = concurrent({
+        "plain": lambda: model.generate(**inputs, max_new_tokens=5, do_sample=False),
+        "steered": lambda: model.generate(**inputs, generation_config=steer)}, rounds=6)
     assert all(torch.equal(out, vanilla) for out in outputs["plain"])
     assert all(torch.equal(out, steered) for out in outputs["steered"])
 
@@ -253,3 +227,75 @@ def test_continuation_rows_steer_each_generated_row_as_the_call_row_it_continues
         model(**three_of_row_1)
     # row 1's own vector (and its rows-mask entry) apply to all three copies
     torch.testing.assert_close(outputs[0][0] - vanilla[0], per_row[1].expand_as(vanilla[0]))
+
+
+def orthonormal_rows(count, size, seed):
+    torch.manual_seed(seed)
+    return torch.linalg.qr(torch.randn(size, count)).Q.T
+
+
+def test_add_prompt_projection_pushes_following_positions_by_the_prompts_part(attached):
+    model, attachment, layers, inputs = attached
+    basis = orthonormal_rows(2, attachment.adapter.hidden_size(), seed=2)
+    prompt_length = inputs["input_ids"].shape[1]
+
+    def run(interventions):
+        with torch.no_grad(), capture(layers) as outputs, attachment.hooks.activate(
+                interventions, prompt_length=prompt_length, batch_size=2) as active:
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        return outputs, active
+
+    vanilla, _ = run([])
+    steered, active = run([vsp.AddPromptProjection({1: basis}, alpha=3.0, scope="generated")])
+    prompt_state = vanilla[1][0][:, -1]
+    assert torch.equal(steered[1][0], vanilla[1][0])  # prefill untouched (scope: generated) ...
+    torch.testing.assert_close(active.prompt_states[1], prompt_state)  # ... but read
+    # first generated token: same input as vanilla, so layer 1 moved by exactly α·(p·Vᵀ)·V
+    torch.testing.assert_close(steered[1][1][:, 0] - vanilla[1][1][:, 0], 3.0 * (prompt_state @ basis.T) @ basis)
+
+
+def test_gates_and_prompt_reads_see_the_layer_output_before_other_edits(attached):
+    model, attachment, layers, inputs = attached
+    basis = orthonormal_rows(3, attachment.adapter.hidden_size(), seed=3)
+    seen = []
+
+    def decide(state):
+        seen.append(state.clone())
+        return torch.ones(state.shape[0], dtype=torch.bool)
+
+    both = [vsp.ProjectOut({1: basis}), vsp.AddPromptProjection({1: basis}, alpha=2.0, gate=vsp.Gate(1, decide))]
+    vanilla = prefill_states(model, inputs, layers)
+    steered = prefill_states(model, inputs, layers, attachment.hooks, both)
+    last = vanilla[1][:, -1]
+    torch.testing.assert_close(seen[0], last)  # the gate saw the state before ProjectOut ran
+    # project out, then add α·(p·Vᵀ)·V from the unedited p: the subspace part is exactly α·p·Vᵀ
+    torch.testing.assert_close(steered[1][:, -1] @ basis.T, 2.0 * last @ basis.T, atol=1e-4, rtol=1e-4)
+
+
+def test_read_records_last_prompt_states_without_editing(attached):
+    model, attachment, layers, inputs = attached
+    prompt_length = inputs["input_ids"].shape[1]
+    with torch.no_grad(), capture(layers) as outputs, attachment.hooks.activate(
+            [], prompt_length=prompt_length, batch_size=2, read=[0, 3]) as active:
+        model(**inputs)
+    assert sorted(active.prompt_states) == [0, 3]
+    for layer in (0, 3):
+        assert torch.equal(active.prompt_states[layer], outputs[layer][0][:, -1])
+    with pytest.raises(ValueError, match="read targets layer 7"):
+        with attachment.hooks.activate([], prompt_length=prompt_length, batch_size=2, read=[7]):
+            pass
+
+
+def test_prompt_derived_edits_wait_for_the_prompt():
+    """A generate continuing from a cache never sees the prompt's last token there: it does not edit."""
+    layers = torch.nn.ModuleList([torch.nn.Identity()])
+    hooks = InterventionHooks(layers, hidden_size=2)
+    basis = torch.tensor([[1.0, 0.0]])
+    push = [vsp.AddPromptProjection({0: basis}, alpha=2.0, scope="all")]
+    hidden = torch.tensor([[[1.0, 1.0], [3.0, 5.0], [7.0, 9.0]]])  # prompt of 2 tokens, then 1 generated
+    with hooks.activate(push, prompt_length=2, batch_size=1, start_position=2):
+        assert torch.equal(layers[0](hidden[:, 2:]), hidden[:, 2:])
+    with hooks.activate(push, prompt_length=2, batch_size=1):
+        edited = layers[0](hidden)
+    # every position gets α·(p·Vᵀ)·V with p = the last prompt state [3, 5]: +[6, 0]
+    assert torch.equal(edited, hidden + torch.tensor([6.0, 0.0]))

@@ -91,3 +91,25 @@ def test_describe_options_marks_options_without_default_as_required():
 
     assert {row["name"]: row["required"] for row in describe_options(WithRequired)} == {"vectors": True,
                                                                                        "alpha": False}
+
+
+def test_list_options_check_each_item_and_their_count():
+    @dataclass(frozen=True)
+    class Layers:
+        layers: list[int] = option([0], doc="Layers.", min=0, min_items=1)
+
+    assert parse_options(Layers, {"layers": [2, 0]}, path="p", source="s").layers == [2, 0]
+    for value, path, message in (([], "p.layers", "expected at least 1 item, got 0"),
+                                 ([1, -1], "p.layers[1]", "-1 is out of range; expected >= 0 and at least 1 item")):
+        with pytest.raises(vsp.ConfigError) as caught:
+            parse_options(Layers, {"layers": value}, path="p", source="s")
+        assert caught.value.path == path and message in str(caught.value)
+    assert describe_options(Layers)[0]["range"] == ">= 0 and at least 1 item"
+
+
+def test_exponent_numbers_that_yaml_reads_as_strings_are_floats(tmp_path):
+    path = tmp_path / "thresholds.yaml"
+    path.write_text("defenses:\n  eta: {post_threshold: -1e9, pre_threshold: 1.0}\n")
+    assert vsp.load_config(path).defenses["eta"].post_threshold == -1e9
+    with pytest.raises(vsp.ConfigError, match=r"defenses\.eta\.post_threshold: expected float, got str 'low'"):
+        vsp.SafetyConfig.from_dict({"defenses": {"eta": {"post_threshold": "low"}}})

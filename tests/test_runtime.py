@@ -1,6 +1,5 @@
 """The attached generate: exact vanilla behaviour when off, defenses composed when on."""
 
-import threading
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from transformers.generation.streamers import BaseStreamer
 import vlm_safety_plugins as vsp
 from vlm_safety_plugins.defenses.adashield import STATIC_DEFENSE_PROMPT
 
-from .conftest import assert_same_tokens, batch, generation, new_tokens
+from .conftest import assert_same_tokens, batch, concurrent, generation, new_tokens
 
 ADASHIELD = {"defenses": {"adashield": {}}}
 
@@ -247,21 +246,8 @@ def test_two_threads_with_different_flags_do_not_interfere(vlm, red_image):
     defended_gen = generation(model, ADASHIELD, max_new_tokens=5, do_sample=False)
     defended = model.generate(**inputs, generation_config=defended_gen)
     assert not torch.equal(defended, vanilla)
-    start = threading.Barrier(2)
-    results = {"plain": [], "defended": []}
-
-    def worker(kind):
-        start.wait()
-        for _ in range(4):
-            if kind == "plain":
-                results[kind].append(model.generate(**inputs, max_new_tokens=5, do_sample=False))
-            else:
-                results[kind].append(model.generate(**inputs, generation_config=defended_gen))
-
-    threads = [threading.Thread(target=worker, args=(kind,)) for kind in results]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = concurrent({
+        "plain": lambda: model.generate(**inputs, max_new_tokens=5, do_sample=False),
+        "defended": lambda: model.generate(**inputs, generation_config=defended_gen)})
     assert all(torch.equal(out, vanilla) for out in results["plain"])
     assert all(torch.equal(out, defended) for out in results["defended"])

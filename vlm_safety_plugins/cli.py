@@ -7,12 +7,15 @@ ends with a one-line error and a non-zero exit status, never a traceback.
 
 from __future__ import annotations
 
-import copy
+import functools
 import json
+import sys
 import textwrap
 import time
 
 import click
+
+from .evaluation.command import eval_command
 
 TINY_PREFIX = "tiny-"
 
@@ -21,6 +24,7 @@ PROVIDES = {
     "defense": ("work", lambda cls: list(cls.kinds())),
     "evaluator": ("scores", lambda cls: [cls.kind]),
     "model_adapter": ("model_types", lambda cls: list(cls.model_types)),
+    "judge": ("judges", lambda cls: ["safety verdicts"]),
 }
 
 
@@ -90,12 +94,14 @@ def generate(model_name, config_path, image_path, prompt, max_new_tokens, stream
 
     import vlm_safety_plugins as vsp
 
+    from .evaluation import run as evaluation_run
+
     try:
         vsp.attach(model, processor)
         adapter = vsp.get_attachment(model).adapter
         inputs = adapter.build_inputs([(prompt, image)])
-        generation_config = _generation_config(model, config, max_new_tokens=max_new_tokens,
-                                               return_dict_in_generate=True)
+        generation_config = evaluation_run.generation_config(model, config, max_new_tokens=max_new_tokens,
+                                                            return_dict_in_generate=True)
         streamer = transformers.TextStreamer(adapter.tokenizer, skip_prompt=True, skip_special_tokens=True) \
             if stream else None
         transformers.set_seed(seed)
@@ -164,15 +170,6 @@ def _load_model(name, seed):
     return model.eval(), processor
 
 
-def _generation_config(model, config, **settings):
-    """The model's generation config plus ``settings``; with ``config``, its ``vlm_safety`` flag too."""
-    if config is not None:
-        return config.to_generation_config(model.generation_config, **settings)
-    generation_config = copy.deepcopy(model.generation_config)
-    generation_config.update(**settings)
-    return generation_config
-
-
 def _echo_summary(report, elapsed: float) -> None:
     """What the defenses did to the answer, one line per defense."""
     if report is None:
@@ -191,6 +188,104 @@ def _short(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return textwrap.shorten(str(value), width=60, placeholder=" ...")
+
+
+# -- calibrate -----------------------------------------------------------------------------
+
+
+@cli.group()
+def calibrate():
+    """Compute the calibration artifact (safetensors) of a representation defense for one model."""
+
+
+def _calibration_options(command):
+    """The options every ``calibrate`` subcommand shares."""
+    options = [
+        click.option("--model", "model_name", default="tiny-llava", show_default=True,
+                     help="tiny-llava, tiny-qwen2-vl or tiny-gemma3, or a hub id / local directory (loaded as "
+                          "`vlm-safety generate` does). The artifact only fits this model."),
+        click.option("--anchors", "anchors_path", type=click.Path(exists=True, dir_okay=False),
+                     help="Anchor JSONL file (format: docs/anchors.md); default: the set shipped with the package."),
+        click.option("--out", "out_path", type=click.Path(dir_okay=False),
+                     help="Where to write the artifact; default: artifacts/<model>.<defense>.safetensors."),
+        click.option("--layers", "layers_text", help="Decoder layers, e.g. `0-31` or `10,12,14`; default: all."),
+        click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+                     help="Anchors per forward pass."),
+        click.option("--device", default="cpu", show_default=True, help="torch device to run the model on."),
+        click.option("--seed", default=0, show_default=True, help="Seed of the tiny models' weights (as in generate)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@calibrate.command("cmrm")
+@_calibration_options
+@click.option("--corrupt", type=click.Choice(["blank", "noise"]), default="blank", show_default=True,
+              help="The content-free image of the corrupted view: constant grey or random pixels.")
+def calibrate_cmrm_command(corrupt, **common):
+    """CMRM's dataset-level shift vectors: mean of h(text-only) − h(corrupted image) per layer."""
+    from .calibration import calibrate_cmrm
+
+    _calibrate("cmrm", functools.partial(calibrate_cmrm, corrupt=corrupt), **common)
+
+
+@calibrate.command("vlm-guard")
+@_calibration_options
+@click.option("--rank", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Directions m kept per layer (top right singular vectors).")
+def calibrate_vlm_guard_command(rank, **common):
+    """VLM-Guard's safety subspaces, orientation and gate thresholds from harmful / harmless pairs."""
+    from .calibration import calibrate_vlm_guard
+
+    _calibrate("vlm_guard", functools.partial(calibrate_vlm_guard, rank=rank), **common)
+
+
+def _calibrate(kind, compute, *, model_name, anchors_path, out_path, layers_text, batch_size, device, seed):
+    """Load anchors and model, run ``compute`` with a progress bar, save, and print a summary."""
+    import vlm_safety_plugins as vsp
+
+    from . import anchors
+
+    layers = _parse_layers(layers_text)
+    try:  # cheap checks first, so bad anchors fail before a model loads
+        count = len((anchors.cmrm_anchors if kind == "cmrm" else anchors.vlm_guard_pairs)(anchors_path)[0])
+    except vsp.ConfigError as error:
+        raise click.BadParameter(str(error), param_hint="'--anchors'") from None
+    out_path = out_path or f"artifacts/{model_name.rstrip('/').rsplit('/', 1)[-1]}.{kind}.safetensors"
+    model, processor = _load_model(model_name, seed)
+    model.to(device)
+    try:
+        with click.progressbar(length=count, label=f"{kind}: {count} anchors", file=sys.stderr) as bar:
+            artifact = compute(model, processor, anchors_path, layers=layers, batch_size=batch_size,
+                               model_name=model_name, progress=bar.update)
+    except vsp.VLMSafetyError as error:
+        raise click.ClickException(str(error)) from None
+    artifact.save(out_path)
+    click.echo(f"wrote {out_path}: {kind} for {model_name} (config {artifact.model.config_hash}), "
+               f"layers {artifact.layers}, {artifact.anchors} anchors, orientation check "
+               f"{'passed' if artifact.orientation['passed'] else 'FAILED'}")
+    click.echo(f"  {artifact.summary()}")
+
+
+def _parse_layers(text):
+    """``0-3,8`` -> [0, 1, 2, 3, 8]; None stays None."""
+    if text is None:
+        return None
+    layers = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            layers.extend(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise click.BadParameter(f"expected layer indices like `0-31` or `10,12,14`, got {text!r}",
+                                 param_hint="'--layers'") from None
+    return layers
+
+
+# -- eval ----------------------------------------------------------------------------------
+
+cli.add_command(eval_command, "eval")
 
 
 # -- reference -----------------------------------------------------------------------------

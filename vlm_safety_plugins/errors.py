@@ -20,6 +20,10 @@ class DefenseError(VLMSafetyError, RuntimeError):
     """A defense could not do its work on this request (missing image, unsupported input, ...)."""
 
 
+class ArtifactError(ConfigError):
+    """A calibration artifact is missing, unreadable, malformed or made for another model; names the file."""
+
+
 class AdapterError(VLMSafetyError, RuntimeError):
     """The model or processor does not look like what the model adapter expects."""
 

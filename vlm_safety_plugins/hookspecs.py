@@ -31,6 +31,11 @@ def register_model_adapters(register):
     """Register ModelAdapter subclasses; each says which ``model_type`` values it handles."""
 
 
+@hookspec
+def register_judges(register):
+    """Register evaluation Judge subclasses (``vlm-safety eval --judge NAME``) by their ``name``."""
+
+
 # -- observation: called for every defended generation -------------------------------------
 
 

@@ -2,23 +2,32 @@
 
 A defense declares its options as a dataclass whose fields are made with ``option``;
 ``parse_options`` turns a mapping into an instance or raises a ConfigError that names
-the exact key path. The same metadata generates the configuration reference.
+the exact key path. The same metadata generates the configuration reference. Checks
+that involve several fields go in the dataclass's ``__post_init__``: raise
+``ConfigError(message, path=<field name>)`` there and the full key path and source are added.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Literal, Union
 
 from .errors import ConfigError
 
+# A number in exponent notation without the dot or exponent sign YAML 1.1 requires of floats.
+_YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
 
 def option(default: Any = dataclasses.MISSING, *, doc: str, min: float | None = None,
-           max: float | None = None, above: float | None = None) -> Any:
-    """A dataclass field with a docstring and an optional range (``above`` is exclusive)."""
-    meta = {"doc": doc, "min": min, "max": max, "above": above}
+           max: float | None = None, above: float | None = None, min_items: int | None = None) -> Any:
+    """A dataclass field with a docstring and an optional range (``above`` is exclusive).
+
+    For a list, the range applies to each item and ``min_items`` is the fewest items allowed.
+    """
+    meta = {"doc": doc, "min": min, "max": max, "above": above, "min_items": min_items}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -52,7 +61,10 @@ def parse_options(cls: type, data: Any, *, path: str, source: str | None) -> Any
         value = _coerce(hints[name], data[name], path=key_path, source=source)
         _check_range(f.metadata, value, path=key_path, source=source)
         values[name] = value
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as error:  # a cross-field check in the dataclass's __post_init__
+        raise ConfigError(error.reason, source=source, path=_join(path, error.path) if error.path else path) from None
 
 
 def options_to_dict(options: Any) -> dict:
@@ -116,6 +128,8 @@ def _coerce(tp: Any, value: Any, *, path: str, source: str | None) -> Any:
         return parse_options(tp, value, path=path, source=source)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value):
+        return float(value)  # PyYAML (YAML 1.1) reads 1e9 and -1.0e9 as strings
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp in (str, bool) and isinstance(value, tp):
@@ -126,6 +140,14 @@ def _coerce(tp: Any, value: Any, *, path: str, source: str | None) -> Any:
 
 
 def _check_range(meta: typing.Mapping, value: Any, *, path: str, source: str | None) -> None:
+    if isinstance(value, list):
+        fewest = meta.get("min_items")
+        if fewest is not None and len(value) < fewest:
+            raise ConfigError(f"expected at least {fewest} item{'s' * (fewest != 1)}, got {len(value)}",
+                              source=source, path=path)
+        for index, item in enumerate(value):
+            _check_range(meta, item, path=f"{path}[{index}]", source=source)
+        return
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     low, high, above = meta.get("min"), meta.get("max"), meta.get("above")
@@ -135,9 +157,10 @@ def _check_range(meta: typing.Mapping, value: Any, *, path: str, source: str | N
 
 
 def _range_text(meta: typing.Mapping) -> str:
-    low, high, above = meta.get("min"), meta.get("max"), meta.get("above")
+    low, high, above, fewest = meta.get("min"), meta.get("max"), meta.get("above"), meta.get("min_items")
     parts = [f"> {above}" if above is not None else None, f">= {low}" if low is not None else None,
-             f"<= {high}" if high is not None else None]
+             f"<= {high}" if high is not None else None,
+             f"at least {fewest} item{'s' * (fewest != 1)}" if fewest is not None else None]
     return " and ".join(p for p in parts if p)
 
 

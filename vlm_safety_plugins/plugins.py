@@ -36,8 +36,11 @@ BUILTIN_PLUGINS = (
     "vlm_safety_plugins.adapters.qwen2_vl",
     "vlm_safety_plugins.adapters.gemma3",
     "vlm_safety_plugins.defenses.adashield",
+    "vlm_safety_plugins.defenses.cmrm",
+    "vlm_safety_plugins.defenses.vlm_guard",
     "vlm_safety_plugins.defenses.eta",
     "vlm_safety_plugins.evaluators.builtin",
+    "vlm_safety_plugins.evaluation.judges",
 )
 
 pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
@@ -51,7 +54,7 @@ _plugins_loaded = False
 class Registered:
     """One class contributed by a plugin, with where it comes from."""
 
-    kind: str  # "defense" | "evaluator" | "model_adapter"
+    kind: str  # "defense" | "evaluator" | "model_adapter" | "judge"
     name: str
     cls: type
     distribution: str
@@ -60,14 +63,17 @@ class Registered:
 
 @dataclass(frozen=True)
 class Registry:
-    """Every registered defense, evaluator and model adapter, by name."""
+    """Every registered defense, evaluator, model adapter and evaluation judge, by name."""
 
     defenses: dict[str, Registered]
     evaluators: dict[str, Registered]
     model_adapters: dict[str, Registered]
+    judges: dict[str, Registered]
 
     def all(self) -> list[Registered]:
-        return [*self.defenses.values(), *self.evaluators.values(), *self.model_adapters.values()]
+        """Everything registered, of every kind (what ``vlm-safety plugins`` lists)."""
+        return [*self.defenses.values(), *self.evaluators.values(), *self.model_adapters.values(),
+                *self.judges.values()]
 
 
 _registry_cache: tuple[frozenset, Registry] | None = None
@@ -107,6 +113,7 @@ def registry() -> Registry:
         defenses=_collect(pm.hook.register_defenses, "defense"),
         evaluators=_collect(pm.hook.register_evaluators, "evaluator"),
         model_adapters=_collect(pm.hook.register_model_adapters, "model_adapter"),
+        judges=_collect(pm.hook.register_judges, "judge"),
     )
     _registry_cache = (key, built)
     return built
@@ -120,6 +127,15 @@ def get_defense(name: str, *, source: str | None = None) -> type:
         raise ConfigError(f"unknown defense {name!r}; registered defenses: {known}",
                           source=source, path=f"defenses.{name}")
     return defenses[name].cls
+
+
+def get_judge(name: str) -> type:
+    """The evaluation judge class registered as ``name``, or a ConfigError listing the known names."""
+    judges = registry().judges
+    if name not in judges:
+        known = ", ".join(sorted(judges)) or "none"
+        raise ConfigError(f"unknown judge {name!r}; registered judges: {known}")
+    return judges[name].cls
 
 
 def _collect(hook, kind: str) -> dict[str, Registered]:

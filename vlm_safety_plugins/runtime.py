@@ -149,6 +149,8 @@ class GenerationCall:
         self._images = _normalise_images(images, self.batch_size)
         self.defenses = attachment.defenses_for(config)
         self.reports = [SafetyReport(row=row) for row in range(self.batch_size)]
+        self._interventions: list | None = None
+        self._prompt_pass = None  # the interventions' state after the last generate over the whole prompt
         self.streamer = _StreamerProxy(self.kwargs["streamer"]) if self.kwargs.get("streamer") else None
         if self.streamer is not None:
             self.kwargs["streamer"] = self.streamer
@@ -233,12 +235,18 @@ class GenerationCall:
         criteria = self._collect("stopping_criteria")
         if criteria:
             kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), *criteria])
-        interventions = self._collect("interventions")
+        if self._interventions is None:  # once per call: continuations must reuse the same objects
+            self._interventions = self._collect("interventions")
         prompt, cache = (self.inputs if rows is not None else kwargs)["input_ids"], kwargs.get("past_key_values")
-        with self.attachment.hooks.activate(interventions, prompt_length=prompt.shape[1], batch_size=prompt.shape[0],
+        with self.attachment.hooks.activate(self._interventions, prompt_length=prompt.shape[1],
+                                            batch_size=prompt.shape[0],
                                             start_position=cache.get_seq_length() if cache is not None else 0,
-                                            rows=rows):
-            return self.attachment.original_generate(**kwargs)
+                                            rows=rows, inherit=self._prompt_pass if rows is not None else None
+                                            ) as state:
+            output = self.attachment.original_generate(**kwargs)
+        if rows is None:
+            self._prompt_pass = state
+        return output
 
     # -- the call itself ----------------------------------------------------------------
 

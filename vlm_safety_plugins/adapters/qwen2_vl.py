@@ -3,6 +3,8 @@
 from ..hookspecs import hookimpl
 from .base import ModelAdapter
 
+TYPICAL_SIDE = 448  # px: Qwen2-VL's usual input size, 16 × 16 merged patches
+
 
 class Qwen2VLAdapter(ModelAdapter):
     """Qwen2-VL / Qwen2.5-VL.
@@ -17,6 +19,19 @@ class Qwen2VLAdapter(ModelAdapter):
 
     def corruption_size(self, image):
         return image.size
+
+    def image_size(self):
+        """A typical square input: 448² pixels clamped to the processor's pixel budget, whole patches.
+
+        The processor's ``size`` holds pixel *areas* (``shortest_edge`` = min_pixels,
+        ``longest_edge`` = max_pixels), not sides, so the generic reading does not apply.
+        """
+        processor = self.processor.image_processor
+        size = dict(processor.size) if processor.size is not None else {}
+        low, high = size.get("shortest_edge") or 56 * 56, size.get("longest_edge") or 28 * 28 * 1280
+        unit = int(getattr(processor, "patch_size", 14)) * int(getattr(processor, "merge_size", 2))
+        side = max(unit, round(min(max(TYPICAL_SIDE ** 2, low), high) ** 0.5 / unit) * unit)
+        return side, side
 
     def select_cached_rows(self, rows):
         # The M-RoPE offset of each row of the last prefill; decode steps add it to their positions.

@@ -18,10 +18,10 @@ from typing import Literal
 import torch
 from transformers import DynamicCache
 
+from .. import plugins
 from ..best_of_n import GROWING_INPUTS, extend_context, keep_row, prefill_cache, recording_cache, sentence_best_of_n
 from ..defense import Defense
 from ..errors import DefenseError
-from .. import plugins
 from ..evaluators.reward import BEST_OF_N_INSTRUCTION, POST_EVAL_INSTRUCTION
 from ..hookspecs import hookimpl
 from ..options import option

@@ -1,0 +1,11 @@
+"""Registers the built-in evaluation judges, exactly as a third-party plugin would."""
+
+from ..hookspecs import hookimpl
+from .llama_guard import LlamaGuardJudge
+from .refusal import RefusalJudge
+
+
+@hookimpl
+def register_judges(register):
+    register(RefusalJudge)
+    register(LlamaGuardJudge)

@@ -1,0 +1,97 @@
+"""PNG plots of runs, drawn with matplotlib's object API on the Agg canvas (no display, no
+pyplot global state): ETA's CLIP pre-score histogram and the unsafe-rate / benign-utility
+trade-off of several runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _figure(width: float = 6.4, height: float = 4.2):
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    return figure, figure.add_subplot()
+
+
+def pre_scores(records: list[dict], defense: str = "eta") -> dict[str, list[float]]:
+    """The ``scores["pre"]`` of ``defense`` per label (``harmful`` / ``benign``), from rows where it ran."""
+    scores: dict[str, list[float]] = {"harmful": [], "benign": []}
+    for record in records:
+        entry = ((record.get("safety") or {}).get("defenses") or {}).get(defense) or {}
+        value = (entry.get("scores") or {}).get("pre")
+        if value is not None:
+            scores[record["label"]].append(float(value))
+    return scores
+
+
+def pre_score_histogram(records: list[dict], threshold: float | None, path: str | Path,
+                        defense: str = "eta") -> Path | None:
+    """ETA's Fig. 2: histograms of the CLIP pre-scores of unsafe (harmful samples') and safe
+    (benign samples') images, the ``pre_threshold`` as a vertical line. Returns None, writing
+    nothing, when no row has a pre score (ETA did not run, or no row had an image)."""
+    scores = pre_scores(records, defense)
+    values = scores["harmful"] + scores["benign"]
+    if not values:
+        return None
+    figure, axes = _figure()
+    low, high = min(values + ([threshold] if threshold is not None else [])), max(values)
+    bins = [low + (high - low) * step / 30 for step in range(31)] if high > low else 10
+    for label, colour, name in (("benign", "tab:blue", "safe (benign samples)"),
+                                ("harmful", "tab:red", "unsafe (harmful samples)")):
+        if scores[label]:
+            axes.hist(scores[label], bins=bins, alpha=0.6, color=colour, label=f"{name}, n={len(scores[label])}")
+    if threshold is not None:
+        axes.axvline(threshold, color="black", linestyle="--", label=f"pre_threshold = {threshold:g}")
+    axes.set_xlabel("CLIP pre-score (cosine with the unsafe-content prompt)")
+    axes.set_ylabel("images")
+    axes.set_title("ETA pre-generation evaluator: image scores")
+    axes.legend()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
+def tradeoff_points(summaries: list[dict]) -> tuple[list[dict], str] | None:
+    """(points, y-axis name) for :func:`tradeoff_plot`: benign accuracy where every run has it,
+    else benign compliance (1 − over-refusal); None if a run has neither or no unsafe rate."""
+    use_accuracy = all(summary["benign_accuracy"]["total"] for summary in summaries)
+    points = []
+    for summary in summaries:
+        unsafe = summary["harmful_safety"]["unsafe"]
+        refusal = summary["benign_safety"]["refusal"]
+        if not unsafe["total"] or not (use_accuracy or refusal["total"]):
+            return None
+        if use_accuracy:
+            utility = summary["benign_accuracy"]
+        else:  # complement of the over-refusal rate, interval mirrored
+            utility = {"rate": 1 - refusal["rate"], "low": 1 - refusal["high"], "high": 1 - refusal["low"]}
+        points.append({"label": summary["run"]["label"], "unsafe": unsafe, "utility": utility})
+    return points, ("benign accuracy" if use_accuracy else "benign compliance (1 − over-refusal)")
+
+
+def tradeoff_plot(summaries: list[dict], path: str | Path) -> Path | None:
+    """Unsafe rate (x, lower is better) against benign utility (y, higher is better), one
+    point per run with 95% Wilson intervals as error bars. None if :func:`tradeoff_points` is."""
+    found = tradeoff_points(summaries)
+    if found is None:
+        return None
+    points, utility_name = found
+    figure, axes = _figure()
+    for point in points:
+        x, y = 100 * point["unsafe"]["rate"], 100 * point["utility"]["rate"]
+        axes.errorbar(x, y, fmt="o", capsize=3,
+                      xerr=[[x - 100 * point["unsafe"]["low"]], [100 * point["unsafe"]["high"] - x]],
+                      yerr=[[y - 100 * point["utility"]["low"]], [100 * point["utility"]["high"] - y]])
+        axes.annotate(point["label"], (x, y), textcoords="offset points", xytext=(6, 6))
+    axes.set_xlim(-5, 105)
+    axes.set_ylim(-5, 105)
+    axes.set_xlabel("unsafe rate on harmful samples (%)  ← safer")
+    axes.set_ylabel(f"{utility_name} (%)  ↑ more useful")
+    axes.set_title("Safety / utility per run (95% Wilson intervals)")
+    axes.grid(alpha=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
