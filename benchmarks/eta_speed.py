@@ -13,7 +13,7 @@ tokens), the same request and the same settings for every case, each the median 
                        pre-check (image encoded again), then each candidate decoded alone at
                        batch 1 (every first-sentence candidate re-prefills prompt and image,
                        later ones continue from a copy of the accepted cache), one reward call
-                       per candidate
+                       per candidate, and the KV cache grown by torch.cat at every token
 
 Boundary tokens (". ? ! newline") and EOS are suppressed for every case, so each sentence is
 exactly --sentence-tokens long and all cases decode the same number of sentences and tokens.
@@ -34,10 +34,11 @@ from pathlib import Path
 
 import torch
 from timing import device_name, interleaved_medians, sized_llava_pair, write_report
+from transformers import DynamicCache
 
 import vlm_safety_plugins as vsp
 from vlm_safety_plugins import testing
-from vlm_safety_plugins.best_of_n import GROWING_INPUTS, extend_context, keep_row, recording_cache
+from vlm_safety_plugins.best_of_n import GROWING_INPUTS, extend_context, keep_row
 from vlm_safety_plugins.defenses.eta import candidate_scores, uses_utility
 from vlm_safety_plugins.evaluators.reward import BEST_OF_N_INSTRUCTION, POST_EVAL_INSTRUCTION
 
@@ -93,7 +94,7 @@ class ReferenceStyleEta:
             candidates, caches, rewards = [], [], []
             for _ in range(self.n):  # one candidate at a time, batch 1
                 if accepted_cache is None:  # first sentence: prompt and image prefilled again
-                    cache, step_inputs = recording_cache(self.model.config), {**inputs, **context}
+                    cache, step_inputs = DynamicCache(config=self.model.config), {**inputs, **context}
                 else:
                     cache, step_inputs = copy.deepcopy(accepted_cache), context
                 out = self.model.generate(**step_inputs, past_key_values=cache, max_new_tokens=length,

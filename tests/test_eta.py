@@ -352,3 +352,32 @@ def test_prompt_derived_steering_lasts_through_every_best_of_n_sentence(attached
     unsteered = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, logits_processor=[prefix])
     assert not torch.equal(expected, unsteered)  # the steering matters ...
     assert_same_tokens(out.sequences, expected)  # ... and it acted in every sentence
+
+
+def test_growing_cache_layers_match_dynamic_ones_through_crops_selects_and_repeats():
+    from transformers import DynamicCache
+
+    from vlm_safety_plugins.best_of_n import GrowingLayer, recording_cache
+
+    model, _ = testing.tiny_vlm("llava")
+    growing, plain = recording_cache(model.config), DynamicCache(config=model.config)
+    assert all(type(layer) is GrowingLayer for layer in growing.layers)
+    torch.manual_seed(0)
+
+    def update(length, batch):
+        states = torch.randn(batch, 2, length, 16), torch.randn(batch, 2, length, 16)
+        for cache in (growing, plain):
+            keys, values = cache.update(*states, 0)
+        torch.testing.assert_close(keys, plain.layers[0].keys, rtol=0, atol=0)
+        torch.testing.assert_close(growing.layers[0].values, values, rtol=0, atol=0)
+
+    update(70, 1)  # a prompt
+    for _ in range(80):  # decoding past the spare room
+        update(1, 1)
+    steps = [lambda c: c.crop(-5), lambda c: c.batch_repeat_interleave(3), lambda c: c.crop(-2),
+             lambda c: c.batch_select_indices(torch.tensor([2]))]
+    for step in steps:
+        step(growing)
+        step(plain)
+        update(1, growing.layers[0].keys.shape[0])
+    assert growing.get_seq_length() == plain.get_seq_length() == 70 + 80 + len(steps) - 7

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import DynamicLayer
 
 from .processors import SentenceBoundaryCriteria
 
@@ -64,9 +65,53 @@ class _StopRecorder(StoppingCriteria):
         return done
 
 
+class GrowingLayer(DynamicLayer):
+    """A full-attention cache layer that appends in place instead of concatenating.
+
+    ``DynamicLayer`` rebuilds its whole key/value tensors with ``torch.cat`` at every
+    generated token, so decoding N candidates after a 600-token image prompt spends most
+    of its time copying the cache. This layer keeps spare room after the cached positions
+    (an eighth of them, at least 64) and writes new states into it; ``keys``/``values`` are
+    views of that buffer. Whatever replaces them (a crop keeps the buffer; selecting or
+    repeating rows, beam reordering) is taken over by the next ``update`` with one copy.
+    """
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length, new = self.get_seq_length(), key_states.shape[-2]
+        if not (self._in_buffer(length) and length + new <= self._key_buffer.shape[-2]):
+            self._rebuffer(length, key_states, room=new + max(64, (length + new) // 8))
+        self._key_buffer[..., length:length + new, :] = key_states
+        self._value_buffer[..., length:length + new, :] = value_states
+        self.keys = self._key_buffer[..., :length + new, :]
+        self.values = self._value_buffer[..., :length + new, :]
+        return self.keys, self.values
+
+    def _in_buffer(self, length: int) -> bool:
+        """Whether ``keys``/``values`` are still the first ``length`` positions of our buffers."""
+        buffer = getattr(self, "_key_buffer", None)
+        return (buffer is not None and self.keys.data_ptr() == buffer.data_ptr()
+                and self.values.data_ptr() == self._value_buffer.data_ptr()
+                and self.keys.shape[:2] == buffer.shape[:2] and self.keys.stride() == buffer.stride())
+
+    def _rebuffer(self, length: int, like: torch.Tensor, *, room: int) -> None:
+        batch, heads, _, width = like.shape
+        for name, current in (("_key_buffer", self.keys), ("_value_buffer", self.values)):
+            buffer = like.new_empty(batch, heads, length + room, width)
+            if length:
+                buffer[..., :length, :] = current
+            setattr(self, name, buffer)
+
+
 def recording_cache(config) -> DynamicCache:
-    """An empty cache that keeps what a later crop needs (sliding-window layers included)."""
+    """An empty cache for a generate that will be cropped and continued.
+
+    Full-attention layers are ``GrowingLayer`` s; sliding-window layers keep what a later
+    crop needs (``activate_past_recording``).
+    """
     cache = DynamicCache(config=config)
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     cache.activate_past_recording()
     return cache
 
