@@ -17,8 +17,6 @@ construction (the paper's equations disagree on the sign; the tests check the di
 
 from __future__ import annotations
 
-import threading
-import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -82,8 +80,6 @@ class Cmrm(Defense):
                 raise ArtifactError(f"defenses.cmrm.corrupt is {options.corrupt!r}, but the artifact was computed "
                                     f"with {self.artifact.corruption!r} images", source=self.artifact.path)
             self.corrupt = self.artifact.corruption
-        self._shifts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # call -> per-row vectors, norms
-        self._lock = threading.Lock()
 
     def interventions(self, call):
         image_rows = call.adapter.image_token_mask(call.inputs["input_ids"]).any(dim=1).tolist()
@@ -111,24 +107,22 @@ class Cmrm(Defense):
         return self.artifact.layers if self.artifact is not None else list(range(len(call.adapter.decoder_layers())))
 
     def _sample_vectors(self, call, image_rows: list[bool], layers: list[int]) -> dict[int, torch.Tensor]:
-        """Per layer, one shift vector per row (zero for text-only rows); computed once per call."""
-        with self._lock:
-            cached = self._shifts.get(call)
-        if cached is None:
-            requests = [(call.adapter.user_text(call.inputs["input_ids"][row]), self._image(call, row))
-                        for row, has_image in enumerate(image_rows) if has_image]
-            shifts = modality_shift(call.model, call.adapter, requests, layers, corrupt=self.corrupt)
-            steered = torch.tensor(image_rows)
-            vectors = {}
-            for layer, shift in shifts.items():
-                vectors[layer] = shift.new_zeros(call.batch_size, shift.shape[-1])
-                vectors[layer][steered.to(shift.device)] = shift
-            norms = torch.stack([shift.float().norm(dim=1) for shift in shifts.values()]).mean(dim=0).tolist()
-            cached = vectors, dict(zip([row for row, has_image in enumerate(image_rows) if has_image], norms))
-            with self._lock:
-                self._shifts[call] = cached
-        vectors, norms = cached
-        for row, norm in norms.items():
+        """Per layer, one shift vector per row (zero for text-only rows), from two extra prefill passes.
+
+        The runtime asks a defense for its interventions once per call, so ETA's continuations
+        and other inner generates reuse these vectors.
+        """
+        image_row_indices = [row for row, has_image in enumerate(image_rows) if has_image]
+        requests = [(call.adapter.user_text(call.inputs["input_ids"][row]), self._image(call, row))
+                    for row in image_row_indices]
+        shifts = modality_shift(call.model, call.adapter, requests, layers, corrupt=self.corrupt)
+        steered = torch.tensor(image_rows)
+        vectors = {}
+        for layer, shift in shifts.items():
+            vectors[layer] = shift.new_zeros(call.batch_size, shift.shape[-1])
+            vectors[layer][steered.to(shift.device)] = shift
+        norms = torch.stack([shift.float().norm(dim=1) for shift in shifts.values()]).mean(dim=0).tolist()
+        for row, norm in zip(image_row_indices, norms):
             call.record(self.name, row).details["vector_norm"] = norm
         return vectors
 
