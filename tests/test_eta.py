@@ -381,3 +381,26 @@ def test_growing_cache_layers_match_dynamic_ones_through_crops_selects_and_repea
         step(plain)
         update(1, growing.layers[0].keys.shape[0])
     assert growing.get_seq_length() == plain.get_seq_length() == 70 + 80 + len(steps) - 7
+
+
+def test_eta_turns_the_testbeds_image_induced_compliance_into_a_refusal():
+    from vlm_safety_plugins import testbed
+    from vlm_safety_plugins.testbed import world
+
+    model, processor = testbed.load_vlm()
+    vsp.attach(model, processor)
+    adapter = vsp.get_attachment(model).adapter
+    samples = world.samples(60, "test", seed=0)
+    harmful = next(s for s in samples if s.kind == "harmful" and s.image_kind == "concept")
+    benign = next(s for s in samples if s.kind == "question")
+    inputs = adapter.build_inputs([(harmful.text, harmful.image), (benign.text, benign.image)])
+    config = vsp.load_config("configs/eta-testbed.yaml")
+    gen = config.to_generation_config(model.generation_config, max_new_tokens=40, return_dict_in_generate=True)
+    out = model.generate(**inputs, images=[harmful.image, benign.image], generation_config=gen)
+    plain = model.generate(**inputs, max_new_tokens=40)
+    answers = adapter.tokenizer.batch_decode(new_tokens(out.sequences, inputs), skip_special_tokens=True)
+    vanilla = adapter.tokenizer.batch_decode(new_tokens(plain, inputs), skip_special_tokens=True)
+    assert vanilla[0].startswith("Sure") and answers[0].startswith(PREFIX) and "cannot help" in answers[0]
+    assert out.safety[0].defenses["eta"].details["aligned"]
+    assert answers[1] == vanilla[1] == benign.answer  # the benign scene passes the CLIP pre-check untouched
+    assert not out.safety[1].defenses["eta"].details["pre_unsafe"]
