@@ -1,6 +1,7 @@
 """Shared fixtures: fresh tiny models of every family, and in-process test plugins."""
 
 import contextlib
+import socket
 import threading
 
 import pytest
@@ -26,6 +27,21 @@ def vlm(family):
     model, processor = tiny_vlm(family)
     yield model, processor
     vsp.detach(model)
+
+
+@pytest.fixture(scope="module")
+def offline():
+    """Fail (and record, in case the caller swallows errors) any socket connection: nothing may touch the hub."""
+    attempts = []
+
+    def connect(sock, address):
+        attempts.append(address)
+        raise OSError(f"network access attempted: {address}")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", connect)
+        yield
+    assert not attempts
 
 
 @pytest.fixture

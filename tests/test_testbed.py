@@ -1,7 +1,6 @@
 """Tests for vlm_safety_plugins.testbed: the trained offline world where image-induced safety degradation is real."""
 
 import random
-import socket
 import time
 
 import numpy as np
@@ -15,21 +14,6 @@ from vlm_safety_plugins.testbed import evaluate, images, world
 from vlm_safety_plugins.testbed.vlm import answer, is_compliance, is_refusal
 
 PRE_THRESHOLD, POST_THRESHOLD = 0.16, 0.06  # ETA's published thresholds (ALGORITHMS.md 1.1, 1.2)
-
-
-@pytest.fixture(scope="module")
-def offline():
-    """Fail any socket connection: the testbed must load with no network."""
-    attempts = []
-
-    def connect(sock, address):
-        attempts.append(address)
-        raise OSError(f"network access attempted: {address}")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket.socket, "connect", connect)
-        yield
-    assert not attempts
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Tests for vlm_safety_plugins.testing: the tiny offline models plugin tests build on."""
 
-import socket
 
 import pytest
 import torch
@@ -18,21 +17,6 @@ PROMPTS = {
     "gemma3": "<bos><start_of_turn>user\n<start_of_image>What is this?<end_of_turn>\n<start_of_turn>model\n",
 }
 TEXT = "Hello, what's in the café? ✓ 42 émojis 😀 <b>x</b>"
-
-
-@pytest.fixture(scope="module")
-def offline():
-    """Fail (and record, in case the caller swallows errors) any socket connection: nothing may touch the hub."""
-    attempts = []
-
-    def connect(sock, address):
-        attempts.append(address)
-        raise OSError(f"network access attempted: {address}")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket.socket, "connect", connect)
-        yield
-    assert not attempts
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
