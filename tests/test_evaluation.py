@@ -118,6 +118,7 @@ def test_vlsafe_advbench_and_generic_jsonl():
 def test_testbed_split_as_samples():
     samples = load_benchmark("testbed:test", n=12, seed=3)
     assert len({s.id for s in samples}) == 12 and samples == load_benchmark("testbed:test", n=12, seed=3)
+    assert not any(s.category.startswith("continuation/") for s in load_benchmark("testbed:test", n=200))
     for sample in samples:
         assert (sample.reference_answer is None) == (sample.label == "harmful")
         assert sample.category.split("/")[0] == sample.meta["kind"]

@@ -280,7 +280,8 @@ def load_jsonl(path: str | Path) -> list[Sample]:
 
 def load_testbed(split: str = "test", *, n: int = 200, seed: int = 0) -> list[Sample]:
     """``n`` requests of the testbed world's ``split`` (``vlm_safety_plugins.testbed.world``),
-    drawn deterministically from ``seed`` in the world's training proportions.
+    drawn deterministically from ``seed`` in the world's training proportions, less the
+    training-only ``continuation`` samples (refusals already begun in the answer).
 
     Category = ``<kind>/<image kind>`` (e.g. ``harmful/blank``, ``question/scene``); benign
     samples carry the world's correct answer as the reference answer.
@@ -294,7 +295,8 @@ def load_testbed(split: str = "test", *, n: int = 200, seed: int = 0) -> list[Sa
     return [Sample(f"testbed-{split}-{seed}-{index:05d}", item.text, item.image,
                    "harmful" if item.harmful else "benign", f"{item.kind}/{item.image_kind}",
                    None if item.harmful else item.answer, meta={"kind": item.kind, **item.meta})
-            for index, item in enumerate(world.samples(n, split, seed))]
+            for index, item in enumerate(world.samples(n, split, seed, mix=[
+                (spec, weight) for spec, weight in world.TRAIN_MIX if spec != "continuation"]))]
 
 
 # -- by name --------------------------------------------------------------------------------------
