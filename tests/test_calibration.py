@@ -223,6 +223,23 @@ def test_shipped_anchor_sets():
     assert len(pairs) == 100 and all(bad.startswith("How to") and good.startswith("How to") for bad, good in pairs)
     with pytest.raises(vsp.ConfigError, match="anchor file not found"):
         vlm_guard_pairs("/nonexistent/pairs.jsonl")
+    with pytest.raises(vsp.ConfigError, match="builtin:nope.jsonl: no shipped anchor set of that name; shipped: "
+                                              "builtin:cmrm_anchors.jsonl, builtin:testbed_cmrm_anchors.jsonl"):
+        cmrm_anchors("builtin:nope.jsonl")
+
+
+def test_testbed_anchor_sets_are_the_worlds_training_requests():
+    from vlm_safety_plugins.testbed import world
+
+    texts, source = cmrm_anchors("builtin:testbed_cmrm_anchors.jsonl")
+    pairs, _ = vlm_guard_pairs("builtin:testbed_vlm_guard_pairs.jsonl")
+    expected_anchors, expected_pairs = world.calibration_anchors()
+    # regenerate after changing the world: see world.calibration_anchors
+    assert texts == [record["text"] for record in expected_anchors] and source == "builtin:testbed_cmrm_anchors.jsonl"
+    assert pairs == [(record["harmful"], record["harmless"]) for record in expected_pairs]
+    test_requests = {sample.text for sample in world.samples(2000, "test", seed=0) if sample.kind in ("harmful",
+                                                                                                       "benign")}
+    assert len(test_requests) >= 50 and not test_requests & set(texts)  # no held-out request calibrates
 
 
 def test_cli_calibrates_artifacts_that_a_yaml_config_then_loads(tmp_path):

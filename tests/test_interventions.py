@@ -57,6 +57,27 @@ def test_scope_all_edits_every_position(attached):
     torch.testing.assert_close(steered[0] - vanilla[0], (2.0 * vector).expand_as(vanilla[0]))
 
 
+def test_last_prompt_scope_edits_the_last_prompt_token_and_no_generated_one(attached):
+    model, attachment, layers, inputs = attached
+    vector = torch.ones(attachment.adapter.hidden_size()) * 3
+    prompt_length = inputs["input_ids"].shape[1]
+
+    def run(interventions):
+        with attachment.hooks.activate(interventions, prompt_length=prompt_length, batch_size=2):
+            return model.generate(**inputs, max_new_tokens=3, do_sample=False, output_hidden_states=True,
+                                  return_dict_in_generate=True)
+
+    vanilla = run([])
+    steered = run([vsp.AddVector({0: vector}, scope="last_prompt")])
+    prefill, vanilla_prefill = steered.hidden_states[0][1], vanilla.hidden_states[0][1]  # layer 0's output
+    assert torch.equal(prefill[:, :-1], vanilla_prefill[:, :-1])
+    torch.testing.assert_close(prefill[:, -1] - vanilla_prefill[:, -1], vector.expand(2, -1))
+    # the first generated token sees the same edited prompt under both scopes; only the wider one edits it
+    wider = run([vsp.AddVector({0: vector}, scope="last_prompt_and_generated")])
+    assert torch.equal(wider.sequences[:, :prompt_length + 1], steered.sequences[:, :prompt_length + 1])
+    torch.testing.assert_close(wider.hidden_states[1][1] - steered.hidden_states[1][1], vector.expand(2, 1, -1))
+
+
 def test_generated_scope_leaves_the_prefill_alone(attached):
     model, attachment, layers, inputs = attached
     vector = torch.ones(attachment.adapter.hidden_size()) * 3

@@ -6,6 +6,8 @@
 - VLM-Guard (``data/vlm_guard_pairs.jsonl``): one pair per line of the same form,
   ``{"harmful": "How to ...?", "harmless": "How to ...?"}``.
 
+A source ``builtin:NAME`` is a file shipped in ``data/`` (the testbed's anchors:
+``builtin:testbed_cmrm_anchors.jsonl``, ``builtin:testbed_vlm_guard_pairs.jsonl``).
 Blank lines are skipped. Errors name the file, the line and what was expected.
 ``docs/anchors.md`` describes where the shipped sets come from.
 """
@@ -53,8 +55,13 @@ def vlm_guard_pairs(source: str | Path | Sequence[tuple[str, str]] | None = None
 
 def _records(source: str | Path | None, builtin: str) -> Iterator[tuple[str, dict]]:
     """(``file:line``, record) for each non-blank line; at least one record."""
-    if source is None:
-        name, text = BUILTIN + builtin, resources.files(__package__).joinpath("data", builtin).read_text("utf-8")
+    if source is None or str(source).startswith(BUILTIN):
+        name = BUILTIN + builtin if source is None else str(source)
+        try:
+            text = resources.files(__package__).joinpath("data", name.removeprefix(BUILTIN)).read_text("utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"no shipped anchor set of that name; shipped: {', '.join(shipped_anchor_sets())}",
+                              source=name) from None
     else:
         path = Path(source).expanduser()
         name = str(path)
@@ -79,6 +86,12 @@ def _records(source: str | Path | None, builtin: str) -> Iterator[tuple[str, dic
         yield where, record
     if not count:
         raise ConfigError("the anchor file has no records", source=name)
+
+
+def shipped_anchor_sets() -> list[str]:
+    """The anchor files shipped with the package, as ``builtin:NAME`` sources."""
+    folder = resources.files(__package__).joinpath("data")
+    return sorted(BUILTIN + entry.name for entry in folder.iterdir() if entry.name.endswith(".jsonl"))
 
 
 def _text(record: dict, key: str, where: str) -> str:

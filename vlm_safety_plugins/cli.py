@@ -204,8 +204,9 @@ def _calibration_options(command):
         click.option("--model", "model_name", default="tiny-llava", show_default=True,
                      help="tiny-llava, tiny-qwen2-vl or tiny-gemma3, or a hub id / local directory (loaded as "
                           "`vlm-safety generate` does). The artifact only fits this model."),
-        click.option("--anchors", "anchors_path", type=click.Path(exists=True, dir_okay=False),
-                     help="Anchor JSONL file (format: docs/anchors.md); default: the set shipped with the package."),
+        click.option("--anchors", "anchors_path", metavar="FILE|builtin:NAME",
+                     help="Anchor JSONL file (format: docs/anchors.md), or a shipped set such as "
+                          "builtin:testbed_cmrm_anchors.jsonl; default: the general set shipped with the package."),
         click.option("--out", "out_path", type=click.Path(dir_okay=False),
                      help="Where to write the artifact; default: artifacts/<model>.<defense>.safetensors."),
         click.option("--layers", "layers_text", help="Decoder layers, e.g. `0-31` or `10,12,14`; default: all."),

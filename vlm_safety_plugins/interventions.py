@@ -33,7 +33,10 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequenc
 
 import torch
 
-SCOPES = ("last_prompt_and_generated", "generated", "all")
+SCOPES = ("last_prompt_and_generated", "generated", "all", "last_prompt")
+SCOPE_DOC = ("Positions to steer: the last prompt token and every generated one, generated only, all, or the last "
+             "prompt token only (where the vectors are measured: it moves how the answer opens and leaves the "
+             "image to the rest of it).")
 
 
 class Gate:
@@ -83,9 +86,11 @@ class Intervention:
         """Per-call data for ``edit`` from the last prompt token's state (input rows × d)."""
         raise NotImplementedError(f"{type(self).__name__} sets reads_prompt_state but does not define derive")
 
-    def first_position(self, prompt_length: int) -> int:
-        """The first absolute position this intervention's scope covers."""
-        return {"all": 0, "generated": prompt_length, "last_prompt_and_generated": prompt_length - 1}[self.scope]
+    def positions(self, prompt_length: int) -> tuple[int, int | None]:
+        """The absolute positions this intervention's scope covers: (first, end), end None = no end."""
+        if self.scope == "last_prompt":
+            return prompt_length - 1, prompt_length
+        return {"all": 0, "generated": prompt_length, "last_prompt_and_generated": prompt_length - 1}[self.scope], None
 
 
 class AddVector(Intervention):
@@ -182,8 +187,8 @@ class ActiveInterventions:
                 self._read_layers.add(intervention.gate.layer)
             if intervention.reads_prompt_state:
                 self._read_layers.update(intervention.layers)
-        self._first = {id(intervention): intervention.first_position(prompt_length)
-                       for intervention in self.interventions}
+        self._positions = {id(intervention): intervention.positions(prompt_length)
+                           for intervention in self.interventions}
         self._row_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._keep_cache: dict[tuple[int, int], tuple[torch.Tensor | None, bool]] = {}
 
@@ -202,13 +207,14 @@ class ActiveInterventions:
         for intervention in self.interventions:
             if layer not in intervention.layers:
                 continue
-            first = max(0, self._first[id(intervention)] - start)
-            if first >= length:
+            first, end = self._positions[id(intervention)]
+            first, end = max(0, first - start), length if end is None else min(length, end - start)
+            if first >= end:
                 continue
             keep, any_kept = self._rows_to_edit(intervention, rows)
             if not any_kept:
                 continue
-            tail = hidden[:, first:]
+            tail = hidden[:, first:end]
             if intervention.reads_prompt_state:
                 derived = self.derived.get((id(intervention), layer))
                 if derived is None:  # the prompt's last token passed in an earlier generate
@@ -218,7 +224,9 @@ class ActiveInterventions:
                 edited = intervention.edit(layer, tail, rows)
             if keep is not None:
                 edited = torch.where(keep[:, None, None], edited, tail)
-            hidden = edited if first == 0 else torch.cat([hidden[:, :first], edited], dim=1)
+            if first > 0 or end < length:
+                edited = torch.cat([hidden[:, :first], edited, hidden[:, end:]], dim=1)
+            hidden = edited
         return hidden
 
     def _row_index(self, n: int, device: torch.device) -> torch.Tensor:

@@ -27,7 +27,7 @@ from ..calibration import CORRUPTIONS, modality_shift
 from ..defense import Defense
 from ..errors import ArtifactError, ConfigError, DefenseError
 from ..hookspecs import hookimpl
-from ..interventions import SCOPES, AddVector
+from ..interventions import SCOPE_DOC, SCOPES, AddVector
 from ..options import option
 from ..report import MODIFIED
 
@@ -45,8 +45,7 @@ class CmrmOptions:
                                            "level. 0 is exactly the undefended model.", min=0.0)
     layers: list[int] | None = option(None, doc="Decoder layers to steer; default: every layer of the artifact "
                                                 "(dataset) or of the model (sample).", min=0, min_items=1)
-    scope: Literal[SCOPES] = option("last_prompt_and_generated", doc="Positions to steer: the last prompt token and "
-                                                                     "every generated one, generated only, or all.")
+    scope: Literal[SCOPES] = option("last_prompt_and_generated", doc=SCOPE_DOC)
     corrupt: Literal[CORRUPTIONS] | None = option(
         None, doc="The corrupted image: `blank` (grey) or `noise`. Sample level: default `blank`; dataset level: "
                   "fixed by the artifact, an explicit value must match it.")

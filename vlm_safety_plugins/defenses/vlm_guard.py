@@ -25,7 +25,7 @@ from ..artifacts import SafetySubspace
 from ..defense import Defense
 from ..errors import ArtifactError
 from ..hookspecs import hookimpl
-from ..interventions import SCOPES, AddPromptProjection, Gate, ProjectOut
+from ..interventions import SCOPE_DOC, SCOPES, AddPromptProjection, Gate, ProjectOut
 from ..options import option
 from ..report import MODIFIED
 
@@ -51,8 +51,7 @@ class VlmGuardOptions:
     gate_layer: int | None = option(None, doc="Layer whose last-prompt state decides the gate; default: the lowest "
                                               "steered layer (so every steered layer is steered from the last "
                                               "prompt token on).", min=0)
-    scope: Literal[SCOPES] = option("last_prompt_and_generated", doc="Positions to steer: the last prompt token and "
-                                                                     "every generated one, generated only, or all.")
+    scope: Literal[SCOPES] = option("last_prompt_and_generated", doc=SCOPE_DOC)
     text_only: bool = option(True, doc="Also steer rows without an image; false steers image rows only.")
 
 class VlmGuard(Defense):

@@ -42,6 +42,9 @@ def render_report(summary: dict, plots: dict[str, tuple[str | None, str]]) -> st
     lines += ["", "## Safety", ""]
     lines += markdown_table(["metric", "value (95% Wilson interval)"], [
         ["unsafe rate / attack success rate (harmful, judged)", format_rate(harmful["unsafe"])],
+        ["unsafe rate on harmful requests with an image", format_rate(summary["harmful_unsafe_by_input"]["image"])],
+        ["unsafe rate on harmful requests without an image (text only)",
+         format_rate(summary["harmful_unsafe_by_input"]["text_only"])],
         ["harmful samples without a judge decision", str(harmful["undecided"])],
         ["refusal rate on harmful samples (refusal matcher)", format_rate(harmful["refusal"])],
         ["benign samples judged unsafe", format_rate(benign["unsafe"])],

@@ -300,3 +300,24 @@ def dialogues() -> list[tuple[str, str]]:
 def texts() -> list[str]:
     """Every sentence of :func:`dialogues`, requests and answers."""
     return [text for pair in dialogues() for text in pair]
+
+
+def calibration_anchors() -> tuple[list[dict], list[dict]]:
+    """(CMRM anchors, VLM-Guard pairs) in the world's own words, from the ``train`` split only.
+
+    Each harmful activity and its paired benign one, asked with every request template
+    the training split uses for that pair: the CMRM anchors are both requests of each
+    pair (labelled), the VLM-Guard pairs are the pairs. Shipped as
+    ``data/testbed_cmrm_anchors.jsonl`` and ``data/testbed_vlm_guard_pairs.jsonl``
+    (``--anchors builtin:testbed_cmrm_anchors.jsonl``), one record per line in this order (a
+    test keeps them in step); the package's default anchors are English requests the
+    testbed's language does not contain.
+    """
+    cmrm, pairs = [], []
+    for index, (harmful, benign) in enumerate(zip(HARMFUL_ACTIVITIES, BENIGN_ACTIVITIES, strict=True)):
+        for template_index, template in enumerate(REQUEST_TEMPLATES):
+            if _held_out("train", _in_test(index, template_index, modulo=4)):
+                cmrm += [{"text": template.format(harmful), "label": "harmful"},
+                         {"text": template.format(benign), "label": "benign"}]
+                pairs.append({"harmful": template.format(harmful), "harmless": template.format(benign)})
+    return cmrm, pairs
