@@ -22,6 +22,8 @@ position per generated token.
 - ``last_prompt_and_generated`` (default): the last prompt token and every generated one
 - ``generated``: generated tokens only
 - ``all``: every position, prompt included
+- ``last_prompt``: the last prompt token only (it steers how the answer opens; generated
+  tokens still read the prompt's other positions, the image among them, unedited)
 """
 
 from __future__ import annotations
@@ -88,9 +90,9 @@ class Intervention:
 
     def positions(self, prompt_length: int) -> tuple[int, int | None]:
         """The absolute positions this intervention's scope covers: (first, end), end None = no end."""
-        if self.scope == "last_prompt":
-            return prompt_length - 1, prompt_length
-        return {"all": 0, "generated": prompt_length, "last_prompt_and_generated": prompt_length - 1}[self.scope], None
+        last = prompt_length - 1
+        return {"all": (0, None), "generated": (prompt_length, None), "last_prompt_and_generated": (last, None),
+                "last_prompt": (last, prompt_length)}[self.scope]
 
 
 class AddVector(Intervention):
@@ -214,16 +216,16 @@ class ActiveInterventions:
             keep, any_kept = self._rows_to_edit(intervention, rows)
             if not any_kept:
                 continue
-            tail = hidden[:, first:end]
+            span = hidden[:, first:end]
             if intervention.reads_prompt_state:
                 derived = self.derived.get((id(intervention), layer))
                 if derived is None:  # the prompt's last token passed in an earlier generate
                     continue
-                edited = intervention.edit(layer, tail, rows, derived=derived)
+                edited = intervention.edit(layer, span, rows, derived=derived)
             else:
-                edited = intervention.edit(layer, tail, rows)
+                edited = intervention.edit(layer, span, rows)
             if keep is not None:
-                edited = torch.where(keep[:, None, None], edited, tail)
+                edited = torch.where(keep[:, None, None], edited, span)
             if first > 0 or end < length:
                 edited = torch.cat([hidden[:, :first], edited, hidden[:, end:]], dim=1)
             hidden = edited
