@@ -54,6 +54,7 @@ class VlmGuardOptions:
     scope: Literal[SCOPES] = option("last_prompt_and_generated", doc=SCOPE_DOC)
     text_only: bool = option(True, doc="Also steer rows without an image; false steers image rows only.")
 
+
 class VlmGuard(Defense):
     """Removes, or amplifies on gated rows, the hidden states' part in the safety subspace."""
 
