@@ -310,27 +310,40 @@ def _seeded(seed: int, build):
         return build()
 
 
-def _build_llava(seed: int, image_size: int = IMAGE_SIZE, text: dict = _TEXT, vision: dict = _VISION):
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+def llava_processor_and_config(tokenizer, *, image_size: int, patch_size: int, text: dict, vision: dict,
+                               vision_feature_layer: int):
+    """``(LlavaProcessor, LlavaConfig)`` of a small LLaVA around ``tokenizer``, with the LLaVA-1.5 chat template.
 
-    tok = _llava_tokenizer()
-    image_proc = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=image_size)
+    ``text`` and ``vision`` are the Llama and CLIP vision config fields (sizes, and e.g.
+    ``max_position_embeddings``); the tiny test models and the trained testbed share this.
+    """
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaProcessor
+
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=image_size)
     processor = LlavaProcessor(
-        image_processor=image_proc, tokenizer=tok, chat_template=_LLAVA_TEMPLATE, patch_size=_PATCH,
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=_LLAVA_TEMPLATE, patch_size=patch_size,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
     )  # fmt: skip
     config = LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", image_size=image_size, patch_size=_PATCH, **vision),
-        text_config=dict(
-            model_type="llama", vocab_size=len(tok), max_position_embeddings=max(512, 2 * (image_size // _PATCH) ** 2),
-            initializer_range=_INIT_RANGE, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id, **text,
-        ),
+        vision_config=dict(model_type="clip_vision_model", image_size=image_size, patch_size=patch_size, **vision),
+        text_config=dict(model_type="llama", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **text),
         image_token_index=processor.image_token_id,
-        image_seq_length=(image_size // _PATCH) ** 2,
+        image_seq_length=(image_size // patch_size) ** 2,
         vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
+        vision_feature_layer=vision_feature_layer,
     )  # fmt: skip
+    return processor, config
+
+
+def _build_llava(seed: int, image_size: int = IMAGE_SIZE, text: dict = _TEXT, vision: dict = _VISION):
+    from transformers import LlavaForConditionalGeneration
+
+    tok = _llava_tokenizer()
+    processor, config = llava_processor_and_config(
+        tok, image_size=image_size, patch_size=_PATCH, vision=vision, vision_feature_layer=-2,
+        text=dict(max_position_embeddings=max(512, 2 * (image_size // _PATCH) ** 2), initializer_range=_INIT_RANGE,
+                  **text))
     model = _seeded(seed, lambda: LlavaForConditionalGeneration(config))
     return model, processor, dict(bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id)
 

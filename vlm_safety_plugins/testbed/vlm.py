@@ -35,34 +35,15 @@ VISION = dict(hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_at
 
 def build(seed: int = 0):
     """A freshly initialised ``(model, processor)``; same ``seed``, same weights."""
-    from transformers import (
-        CLIPImageProcessor,
-        GenerationConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import GenerationConfig, LlavaForConditionalGeneration
 
-    from ..testing import _LLAVA_TEMPLATE
+    from ..testing import llava_processor_and_config
     from .tokenization import vlm_tokenizer
 
     tok = vlm_tokenizer()
-    image_processor = CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size=SIZE)
-    processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tok, chat_template=_LLAVA_TEMPLATE, patch_size=PATCH,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-    )  # fmt: skip
-    config = LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", image_size=SIZE, patch_size=PATCH, **VISION),
-        text_config=dict(
-            model_type="llama", vocab_size=len(tok), max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **TEXT,
-        ),
-        image_token_index=processor.image_token_id,
-        image_seq_length=(SIZE // PATCH) ** 2,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-    )  # fmt: skip
+    processor, config = llava_processor_and_config(tok, image_size=SIZE, patch_size=PATCH, vision=VISION,
+                                                   text=dict(max_position_embeddings=256, **TEXT),
+                                                   vision_feature_layer=-1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
