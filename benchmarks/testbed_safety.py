@@ -42,7 +42,8 @@ from vlm_safety_plugins import cli
 from vlm_safety_plugins.evaluation.benchmarks import load_benchmark
 from vlm_safety_plugins.evaluation.compare import COMPARISON_PLOT, compare_runs
 from vlm_safety_plugins.evaluation.report import format_rate
-from vlm_safety_plugins.evaluation.run import PRE_SCORES_PLOT, run_eval
+from vlm_safety_plugins.defenses.eta.plots import PRE_SCORES_PLOT
+from vlm_safety_plugins.evaluation.run import run_eval
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -129,7 +130,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     work = args.work or Path(tempfile.mkdtemp(prefix="testbed-safety-"))
-    model, processor = cli._load_model("testbed", 0)
+    model, processor = cli.load_model("testbed", 0)
     artifacts = calibrate(model, processor, work / "artifacts")
     samples = load_benchmark("testbed:test", n=args.n, seed=args.seed)
     text_only = [dataclasses.replace(sample, image=None) for sample in samples]

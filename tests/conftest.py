@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import vlm_safety_plugins as vsp
-from vlm_safety_plugins import plugins
+from vlm_safety_plugins.core import plugins
 from vlm_safety_plugins.testing import FAMILIES, tiny_vlm
 
 # Tiny models run several times faster on one thread than on torch's default pool.
@@ -76,7 +76,7 @@ def register():
 def batch(model, processor, requests):
     """Inputs for (text, image-or-None) requests built with the attached model's adapter."""
     attachment = vsp.get_attachment(model)
-    adapter = attachment.adapter if attachment else vsp.adapters.find_adapter(model, processor)
+    adapter = attachment.adapter if attachment else vsp.core.adapters.find_adapter(model, processor)
     return adapter.build_inputs(requests)
 
 
@@ -133,8 +133,10 @@ def assert_same_tokens(a, b):
 def calibrated(tmp_path_factory):
     """``calibrated(family)`` -> (CMRM artifact path, VLM-Guard artifact path) of ``tiny_vlm(family)``,
     made once per session from a few of the shipped anchors."""
-    from vlm_safety_plugins.anchors import cmrm_anchors, vlm_guard_pairs
-    from vlm_safety_plugins.calibration import calibrate_cmrm, calibrate_vlm_guard
+    from vlm_safety_plugins.defenses.cmrm.anchors import cmrm_anchors
+    from vlm_safety_plugins.defenses.vlm_guard.anchors import vlm_guard_pairs
+    from vlm_safety_plugins.defenses.cmrm.calibration import calibrate_cmrm
+    from vlm_safety_plugins.defenses.vlm_guard.calibration import calibrate_vlm_guard
 
     folder, made = tmp_path_factory.mktemp("artifacts"), {}
     texts, pairs = cmrm_anchors()[0], vlm_guard_pairs()[0]

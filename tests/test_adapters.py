@@ -5,10 +5,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import vlm_safety_plugins as vsp
-from vlm_safety_plugins.adapters import ModelAdapter, find_adapter
-from vlm_safety_plugins.adapters.gemma3 import Gemma3Adapter
-from vlm_safety_plugins.adapters.llava import LlavaAdapter
-from vlm_safety_plugins.adapters.qwen2_vl import Qwen2VLAdapter
+from vlm_safety_plugins.core.adapters import ModelAdapter, find_adapter
+from vlm_safety_plugins.core.adapters.gemma3 import Gemma3Adapter
+from vlm_safety_plugins.core.adapters.llava import LlavaAdapter
+from vlm_safety_plugins.core.adapters.qwen2_vl import Qwen2VLAdapter
 
 from .conftest import assert_same_tokens, batch, generation
 

@@ -8,12 +8,16 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import vlm_safety_plugins as vsp
-from vlm_safety_plugins.adapters import find_adapter
-from vlm_safety_plugins.anchors import cmrm_anchors, vlm_guard_pairs
-from vlm_safety_plugins.artifacts import CmrmVectors, ModelIdentity, SafetySubspace
-from vlm_safety_plugins.calibration import calibrate_cmrm, calibrate_vlm_guard, middle_layers
+from vlm_safety_plugins.core.adapters import find_adapter
+from vlm_safety_plugins.defenses.cmrm.anchors import cmrm_anchors
+from vlm_safety_plugins.defenses.vlm_guard.anchors import vlm_guard_pairs
+from vlm_safety_plugins.defenses.cmrm.artifact import CmrmVectors
+from vlm_safety_plugins.steering.artifacts import ModelIdentity
+from vlm_safety_plugins.defenses.vlm_guard.artifact import SafetySubspace
+from vlm_safety_plugins.defenses.cmrm.calibration import calibrate_cmrm
+from vlm_safety_plugins.defenses.vlm_guard.calibration import calibrate_vlm_guard, middle_layers
 from vlm_safety_plugins.cli import cli
-from vlm_safety_plugins.readout import last_prompt_states
+from vlm_safety_plugins.steering.readout import last_prompt_states
 from vlm_safety_plugins.testing import tiny_image, tiny_vlm
 
 from .conftest import batch
@@ -194,7 +198,7 @@ def test_an_artifact_for_another_hidden_size_names_the_mismatch(tmp_path):
 def test_config_hash_ignores_how_the_model_was_saved(tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    from vlm_safety_plugins.artifacts import config_hash
+    from vlm_safety_plugins.steering.artifacts import config_hash
 
     model, _ = tiny_vlm("qwen2_vl")
     model.save_pretrained(tmp_path)

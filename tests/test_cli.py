@@ -10,7 +10,7 @@ import huggingface_hub.constants
 import pytest
 from click.testing import CliRunner
 
-from vlm_safety_plugins.adapters import find_adapter
+from vlm_safety_plugins.core.adapters import find_adapter
 from vlm_safety_plugins.cli import cli
 from vlm_safety_plugins.testing import tiny_image, tiny_vlm
 

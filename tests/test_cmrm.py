@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from PIL import Image
 
 import vlm_safety_plugins as vsp
-from vlm_safety_plugins.calibration import calibrate_cmrm
+from vlm_safety_plugins.defenses.cmrm.calibration import calibrate_cmrm
 from vlm_safety_plugins.testing import tiny_vlm
 
 from .conftest import assert_same_tokens, batch, capture, concurrent, generation

@@ -6,7 +6,7 @@ import pytest
 from transformers import GenerationConfig
 
 import vlm_safety_plugins as vsp
-from vlm_safety_plugins.config import DEFAULT_REFUSAL
+from vlm_safety_plugins.core.config import DEFAULT_REFUSAL
 
 
 def write(tmp_path, text, name="c.yaml"):

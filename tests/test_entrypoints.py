@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vlm_safety_plugins as vsp
-from vlm_safety_plugins import plugins
+from vlm_safety_plugins.core import plugins
 from vlm_safety_plugins.testing import tiny_image, tiny_vlm
 
 EXAMPLE_DISTRIBUTION = "vlm-safety-example"
@@ -49,7 +49,9 @@ def test_example_plugin_is_discovered_through_its_entry_point(example):
     registry = plugins.registry()
     assert plugins.pm.get_plugin("example") is example
     defense, evaluator = registry.defenses["keyword_refusal"], registry.evaluators["length_evaluator"]
-    assert defense.cls is example.KeywordRefusal and evaluator.cls is example.LengthEvaluator
+    from vlm_safety_example import components
+
+    assert defense.cls is components.KeywordRefusal and evaluator.cls is components.LengthEvaluator
     for item in (defense, evaluator):
         assert (item.distribution, item.version) == (EXAMPLE_DISTRIBUTION, "0.1.0")
     assert defense.cls.kinds() == ("logits_processors",)
@@ -115,7 +117,7 @@ def test_keyword_refusal_options_are_validated(example, tmp_path):
 
 
 def test_environment_allowlist_and_blocklist_decide_which_entry_points_load(example):
-    script = "import json; from vlm_safety_plugins import plugins; print(json.dumps(sorted(plugins.registry().defenses)))"
+    script = "import json; from vlm_safety_plugins.core import plugins; print(json.dumps(sorted(plugins.registry().defenses)))"
     clean = {name: value for name, value in os.environ.items() if name not in (plugins.ALLOW_ENV, plugins.BLOCK_ENV)}
     cases = {  # extra environment -> whether the example defense loads
         (plugins.ALLOW_ENV, ""): False,

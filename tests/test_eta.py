@@ -6,9 +6,9 @@ from transformers.generation.streamers import BaseStreamer
 
 import vlm_safety_plugins as vsp
 from vlm_safety_plugins import testing
-from vlm_safety_plugins.best_of_n import GROWING_INPUTS, extend_context, prefill_cache, sentence_best_of_n
-from vlm_safety_plugins.defenses.eta import candidate_scores, uses_utility
-from vlm_safety_plugins.evaluators.reward import BEST_OF_N_INSTRUCTION, POST_EVAL_INSTRUCTION
+from vlm_safety_plugins.defenses.eta.best_of_n import GROWING_INPUTS, extend_context, prefill_cache, sentence_best_of_n
+from vlm_safety_plugins.defenses.eta.defense import candidate_scores, uses_utility
+from vlm_safety_plugins.scorers.reward import BEST_OF_N_INSTRUCTION, POST_EVAL_INSTRUCTION
 
 from .conftest import assert_same_tokens, batch, new_tokens
 
@@ -162,6 +162,19 @@ def test_shallow_only_equals_plain_generate_with_the_prefix_processor(attached):
     assert_same_tokens(out.sequences, expected)
 
 
+@pytest.mark.parametrize("alignment", ["full", "shallow_only"])
+def test_a_token_budget_inside_the_prefix_gives_the_cut_prefix_not_a_refusal(attached, alignment):
+    model, adapter, image = attached
+    inputs = batch(model, adapter.processor, [("What is in the picture?", image)])
+    prefix = adapter.response_ids(PREFIX)
+    for budget in (len(prefix) - 1, len(prefix)):
+        gen = eta(alignment=alignment).to_generation_config(model.generation_config, max_new_tokens=budget,
+                                                            return_dict_in_generate=True)
+        out = model.generate(**inputs, images=[image], generation_config=gen)
+        assert not out.safety[0].refused and out.safety[0].defenses["eta"].details["aligned"]
+        assert new_tokens(out.sequences, inputs)[0].tolist() == prefix[:budget]
+
+
 def test_deep_only_searches_without_the_prefix(attached):
     model, adapter, image = attached
     inputs = batch(model, adapter.processor, [("What is in the picture?", image)])
@@ -242,7 +255,7 @@ def evaluators():
 
 
 def _row(model, processor):
-    adapter = vsp.adapters.find_adapter(model, processor)
+    adapter = vsp.core.adapters.find_adapter(model, processor)
     inputs = adapter.build_inputs([("What is in the picture?", testing.tiny_image())])
     context = {name: inputs[name] for name in ("input_ids", *GROWING_INPUTS) if name in inputs}
     return adapter, inputs, context
@@ -357,7 +370,7 @@ def test_prompt_derived_steering_lasts_through_every_best_of_n_sentence(attached
 def test_growing_cache_layers_match_dynamic_ones_through_crops_selects_and_repeats():
     from transformers import DynamicCache
 
-    from vlm_safety_plugins.best_of_n import GrowingLayer, recording_cache
+    from vlm_safety_plugins.defenses.eta.best_of_n import GrowingLayer, recording_cache
 
     model, _ = testing.tiny_vlm("llava")
     growing, plain = recording_cache(model.config), DynamicCache(config=model.config)

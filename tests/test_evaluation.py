@@ -11,8 +11,9 @@ from PIL import Image
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
 import vlm_safety_plugins as vsp
-from vlm_safety_plugins import plugins
+from vlm_safety_plugins.core import plugins
 from vlm_safety_plugins.evaluation import (
+
     FIGSTEP_PROMPT,
     BenchmarkError,
     Judge,
@@ -500,7 +501,7 @@ def test_eta_run_draws_the_pre_score_histogram_and_runs_compare(llava, tmp_path)
     vanilla = run_eval(*llava, None, samples, tmp_path / "vanilla", max_new_tokens=4, batch_size=4)
     eta = run_eval(*llava, ETA_TINY, samples, tmp_path / "eta", max_new_tokens=4, batch_size=4)
     assert vanilla["defenses"] == {} and vanilla["run"]["label"] == "vanilla"
-    assert eta["run"]["pre_threshold"] == -1.0 and eta["defenses"]["eta"]["flags"]["pre_unsafe"] == 2
+    assert eta["run"]["config"]["defenses"]["eta"]["pre_threshold"] == -1.0 and eta["defenses"]["eta"]["flags"]["pre_unsafe"] == 2
     assert (tmp_path / "eta" / "plots" / "pre_scores.png").stat().st_size > 0
     assert "plots/pre_scores.png" in (tmp_path / "eta" / "report.md").read_text()
     assert not (tmp_path / "vanilla" / "plots" / "pre_scores.png").exists()

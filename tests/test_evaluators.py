@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlm_safety_plugins.evaluators import ModelLoadError, builtin
-from vlm_safety_plugins.evaluators.clip import SAFETY_PROMPT, ClipScorer
-from vlm_safety_plugins.evaluators.reward import BEST_OF_N_INSTRUCTION, POST_EVAL_INSTRUCTION, RewardScorer
+from vlm_safety_plugins.scorers import ModelLoadError, builtin
+from vlm_safety_plugins.scorers.clip import SAFETY_PROMPT, ClipScorer
+from vlm_safety_plugins.scorers.reward import BEST_OF_N_INSTRUCTION, POST_EVAL_INSTRUCTION, RewardScorer
 from vlm_safety_plugins.testing import tiny_clip, tiny_image, tiny_reward_model
 
 # Words that CLIP's BPE keeps as one token each, so "n words" is "n tokens".
@@ -265,3 +265,11 @@ def test_builtin_plugin_registers_both_evaluators():
     assert [(cls, cls.name, cls.kind) for cls in registered] == [
         (ClipScorer, "clip", "image_safety"), (RewardScorer, "reward_model", "reward")]
     assert "pricacy" in POST_EVAL_INSTRUCTION and "reject to the question" in POST_EVAL_INSTRUCTION
+
+
+def test_builtin_scorers_implement_their_kinds_protocol():
+    from vlm_safety_plugins.scorers.base import ImageSafetyScorer, ResponseRewardScorer
+
+    clip, reward = ClipScorer.from_open_clip(*tiny_clip()), RewardScorer(*tiny_reward_model())
+    assert isinstance(clip, ImageSafetyScorer) and not isinstance(clip, ResponseRewardScorer)
+    assert isinstance(reward, ResponseRewardScorer) and not isinstance(reward, ImageSafetyScorer)

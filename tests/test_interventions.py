@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vlm_safety_plugins as vsp
-from vlm_safety_plugins.interventions import InterventionHooks
+from vlm_safety_plugins.steering.interventions import InterventionHooks
 
 from .conftest import assert_same_tokens, batch, capture, concurrent, generation
 
@@ -182,7 +182,7 @@ def test_concurrent_calls_see_only_their_own_interventions(vlm, red_image, regis
 
 def test_hooks_are_inert_outside_a_call(attached):
     model, attachment, layers, inputs = attached
-    from vlm_safety_plugins.interventions import _ACTIVE
+    from vlm_safety_plugins.steering.interventions import _ACTIVE
 
     before = prefill_states(model, inputs, layers)
     with pytest.raises(KeyError):

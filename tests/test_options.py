@@ -5,8 +5,8 @@ from dataclasses import dataclass
 import pytest
 
 import vlm_safety_plugins as vsp
-from vlm_safety_plugins import plugins
-from vlm_safety_plugins.options import describe_options, option, parse_options
+from vlm_safety_plugins.core import plugins
+from vlm_safety_plugins.core.options import describe_options, option, parse_options
 
 
 @dataclass(frozen=True)

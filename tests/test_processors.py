@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor
 
-from vlm_safety_plugins.processors import InterferencePrefixProcessor, SentenceBoundaryCriteria
+from vlm_safety_plugins.defenses.eta.processors import InterferencePrefixProcessor, SentenceBoundaryCriteria
 from vlm_safety_plugins.testing import FAMILIES, tiny_image, tiny_vlm
 
 PREFIX = "As an AI assistant"

@@ -7,7 +7,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationC
 from transformers.generation.streamers import BaseStreamer
 
 import vlm_safety_plugins as vsp
-from vlm_safety_plugins.defenses.adashield import STATIC_DEFENSE_PROMPT
+from vlm_safety_plugins.defenses.adashield.defense import STATIC_DEFENSE_PROMPT
 
 from .conftest import assert_same_tokens, batch, concurrent, generation, new_tokens
 

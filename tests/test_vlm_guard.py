@@ -5,8 +5,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import vlm_safety_plugins as vsp
-from vlm_safety_plugins.artifacts import SafetySubspace
-from vlm_safety_plugins.readout import last_prompt_states
+from vlm_safety_plugins.defenses.vlm_guard.artifact import SafetySubspace
+from vlm_safety_plugins.steering.readout import last_prompt_states
 from vlm_safety_plugins.testing import tiny_vlm
 
 from .conftest import assert_same_tokens, batch, capture, generation

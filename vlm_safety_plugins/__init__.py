@@ -13,34 +13,35 @@ Names that need torch or transformers are imported on first use, so that the lig
 
 import importlib
 
-from .config import SafetyConfig, load_config
-from .errors import AdapterError, ArtifactError, ConfigError, DefenseError, ModelLoadError, VLMSafetyError
-from .hookspecs import hookimpl
-from .options import option
-from .report import MODIFIED, PASS, REFUSED, DefenseRecord, SafetyReport
+from .core.lazy import lazy_exports
+from .core.config import SafetyConfig, load_config
+from .core.errors import AdapterError, ArtifactError, ConfigError, DefenseError, ModelLoadError, VLMSafetyError
+from .core.hookspecs import hookimpl
+from .core.options import option
+from .core.report import MODIFIED, PASS, REFUSED, DefenseRecord, SafetyReport
 
 _LAZY = {
-    "ModelAdapter": ".adapters",
-    "Defense": ".defense",
-    "Evaluator": ".evaluator",
-    "ClipScorer": ".evaluators",
-    "RewardScorer": ".evaluators",
-    "AddPromptProjection": ".interventions",
-    "AddVector": ".interventions",
-    "Gate": ".interventions",
-    "Intervention": ".interventions",
-    "ProjectOut": ".interventions",
-    "SubspaceIntervention": ".interventions",
-    "CmrmVectors": ".artifacts",
-    "SafetySubspace": ".artifacts",
-    "calibrate_cmrm": ".calibration",
-    "calibrate_vlm_guard": ".calibration",
-    "InterferencePrefixProcessor": ".processors",
-    "SentenceBoundaryCriteria": ".processors",
-    "GenerationCall": ".runtime",
-    "attach": ".runtime",
-    "detach": ".runtime",
-    "get_attachment": ".runtime",
+    "ModelAdapter": ".core.adapters",
+    "Defense": ".core.defense",
+    "Evaluator": ".scorers.base",
+    "ClipScorer": ".scorers",
+    "RewardScorer": ".scorers",
+    "AddPromptProjection": ".steering.interventions",
+    "AddVector": ".steering.interventions",
+    "Gate": ".steering.interventions",
+    "Intervention": ".steering.interventions",
+    "ProjectOut": ".steering.interventions",
+    "SubspaceIntervention": ".steering.interventions",
+    "CmrmVectors": ".defenses.cmrm.artifact",
+    "SafetySubspace": ".defenses.vlm_guard.artifact",
+    "calibrate_cmrm": ".defenses.cmrm.calibration",
+    "calibrate_vlm_guard": ".defenses.vlm_guard.calibration",
+    "InterferencePrefixProcessor": ".defenses.eta.processors",
+    "SentenceBoundaryCriteria": ".defenses.eta.processors",
+    "GenerationCall": ".core.runtime",
+    "attach": ".core.runtime",
+    "detach": ".core.runtime",
+    "get_attachment": ".core.runtime",
 }
 
 __all__ = [
@@ -53,12 +54,13 @@ __all__ = [
 ]
 
 
+_lazy_getattr, _ = lazy_exports(__name__, _LAZY)
+
+
 def __getattr__(name: str):
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    try:  # a submodule, e.g. ``vsp.adapters``
+        return _lazy_getattr(name)
+    try:  # a subpackage, e.g. ``vsp.core``
         return importlib.import_module(f".{name}", __name__)
     except ModuleNotFoundError as error:
         if error.name != f"{__name__}.{name}":

@@ -1,21 +1,18 @@
-"""The ``vlm-safety`` command: list plugins, run one defended generation, print the config reference.
+"""The ``vlm-safety`` root command: list plugins, run one defended generation, print the config reference.
 
-Heavy modules (torch, transformers, the tiny test models) are imported inside the
-commands that use them. Bad input (a missing file, an invalid config, an unknown model)
+Every other command comes from its owner through the ``register_commands`` hook
+(``calibrate cmrm`` from ``defenses/cmrm/``, ``eval`` from ``evaluation/``). Heavy modules
+(torch, transformers, the tiny test models) are imported inside the commands that use them. Bad input (a missing file, an invalid config, an unknown model)
 ends with a one-line error and a non-zero exit status, never a traceback.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
 import textwrap
 import time
 
 import click
-
-from .evaluation.command import eval_command
 
 TINY_PREFIX = "tiny-"
 
@@ -28,7 +25,33 @@ PROVIDES = {
 }
 
 
-@click.group()
+class PluginCommands(click.Group):
+    """The root group: its own commands, plus those plugins add through ``register_commands``.
+
+    Plugin commands are collected the first time the group lists or looks up a command,
+    so ``vlm-safety`` imports the plugin modules only when it runs.
+    """
+
+    _loaded = False
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            from .core import plugins
+
+            plugins.load_plugins()
+            plugins.pm.hook.register_commands(cli=self)
+
+    def list_commands(self, ctx):
+        self._load()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx, cmd_name):
+        self._load()
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=PluginCommands)
 @click.version_option(package_name="vlm-safety-plugins")
 def cli():
     """Inference-time safety defenses for transformers vision-language models."""
@@ -41,7 +64,7 @@ def cli():
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 def list_plugins(as_json):
     """List the discovered defenses, evaluators and model adapters, and where they come from."""
-    from . import plugins
+    from .core import plugins
 
     rows = [_plugin_row(item) for item in sorted(plugins.registry().all(), key=lambda item: (item.kind, item.name))]
     if as_json:
@@ -86,9 +109,9 @@ def generate(model_name, config_path, image_path, prompt, max_new_tokens, stream
     if stream and as_json:
         raise click.UsageError("--stream and --json cannot be used together")
     # Cheap checks first, so bad input fails before a model loads.
-    config = _load_config(config_path)
+    config = read_config(config_path)
     image = _load_image(image_path)
-    model, processor = _load_model(model_name, seed)
+    model, processor = load_model(model_name, seed)
 
     import transformers
 
@@ -124,7 +147,7 @@ def generate(model_name, config_path, image_path, prompt, max_new_tokens, stream
     _echo_summary(report, elapsed)
 
 
-def _load_config(path):
+def read_config(path):
     if path is None:
         return None
     import vlm_safety_plugins as vsp
@@ -150,15 +173,15 @@ def _load_image(path):
     raise click.BadParameter(f"cannot read image {path!r}: {reason}", param_hint="'--image'")
 
 
-def _load_model(name, seed):
+def load_model(name, seed):
     """(model, processor): a tiny offline model, or a checkpoint by hub id or local path."""
-    from . import offline_models
+    from .testing import offline
 
-    if name in offline_models.VLMS:
-        return offline_models.VLMS[name](seed)
+    if name in offline.VLMS:
+        return offline.VLMS[name](seed)
     if name.startswith(TINY_PREFIX):
         raise click.BadParameter(f"unknown offline model {name!r}; offline models: "
-                                 f"{', '.join(sorted(offline_models.VLMS))}", param_hint="'--model'")
+                                 f"{', '.join(sorted(offline.VLMS))}", param_hint="'--model'")
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     try:
@@ -195,106 +218,27 @@ def _short(value) -> str:
 
 @cli.group()
 def calibrate():
-    """Compute the calibration artifact (safetensors) of a representation defense for one model."""
+    """Compute the calibration artifact (safetensors) of a steering defense for one model.
 
-
-def _calibration_options(command):
-    """The options every ``calibrate`` subcommand shares."""
-    options = [
-        click.option("--model", "model_name", default="tiny-llava", show_default=True,
-                     help="tiny-llava, tiny-qwen2-vl or tiny-gemma3, or a hub id / local directory (loaded as "
-                          "`vlm-safety generate` does). The artifact only fits this model."),
-        click.option("--anchors", "anchors_path", metavar="FILE|builtin:NAME",
-                     help="Anchor JSONL file (format: docs/anchors.md), or a shipped set such as "
-                          "builtin:testbed_cmrm_anchors.jsonl; default: the general set shipped with the package."),
-        click.option("--out", "out_path", type=click.Path(dir_okay=False),
-                     help="Where to write the artifact; default: artifacts/<model>.<defense>.safetensors."),
-        click.option("--layers", "layers_text", help="Decoder layers, e.g. `0-31` or `10,12,14`; default: all."),
-        click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
-                     help="Anchors per forward pass."),
-        click.option("--device", default="cpu", show_default=True, help="torch device to run the model on."),
-        click.option("--seed", default=0, show_default=True, help="Seed of the tiny models' weights (as in generate)."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-@calibrate.command("cmrm")
-@_calibration_options
-@click.option("--corrupt", type=click.Choice(["blank", "noise"]), default="blank", show_default=True,
-              help="The content-free image of the corrupted view: constant grey or random pixels.")
-def calibrate_cmrm_command(corrupt, **common):
-    """CMRM's dataset-level shift vectors: mean of h(text-only) − h(corrupted image) per layer."""
-    from .calibration import calibrate_cmrm
-
-    _calibrate("cmrm", functools.partial(calibrate_cmrm, corrupt=corrupt), **common)
-
-
-@calibrate.command("vlm-guard")
-@_calibration_options
-@click.option("--rank", default=5, show_default=True, type=click.IntRange(min=1),
-              help="Directions m kept per layer (top right singular vectors).")
-def calibrate_vlm_guard_command(rank, **common):
-    """VLM-Guard's safety subspaces, orientation and gate thresholds from harmful / harmless pairs."""
-    from .calibration import calibrate_vlm_guard
-
-    _calibrate("vlm_guard", functools.partial(calibrate_vlm_guard, rank=rank), **common)
-
-
-def _calibrate(kind, compute, *, model_name, anchors_path, out_path, layers_text, batch_size, device, seed):
-    """Load anchors and model, run ``compute`` with a progress bar, save, and print a summary."""
-    import vlm_safety_plugins as vsp
-
-    from . import anchors
-
-    layers = _parse_layers(layers_text)
-    try:  # cheap checks first, so bad anchors fail before a model loads
-        count = len((anchors.cmrm_anchors if kind == "cmrm" else anchors.vlm_guard_pairs)(anchors_path)[0])
-    except vsp.ConfigError as error:
-        raise click.BadParameter(str(error), param_hint="'--anchors'") from None
-    out_path = out_path or f"artifacts/{model_name.rstrip('/').rsplit('/', 1)[-1]}.{kind}.safetensors"
-    model, processor = _load_model(model_name, seed)
-    model.to(device)
-    try:
-        with click.progressbar(length=count, label=f"{kind}: {count} anchors", file=sys.stderr) as bar:
-            artifact = compute(model, processor, anchors_path, layers=layers, batch_size=batch_size,
-                               model_name=model_name, progress=bar.update)
-    except vsp.VLMSafetyError as error:
-        raise click.ClickException(str(error)) from None
-    artifact.save(out_path)
-    click.echo(f"wrote {out_path}: {kind} for {model_name} (config {artifact.model.config_hash}), "
-               f"layers {artifact.layers}, {artifact.anchors} anchors, orientation check "
-               f"{'passed' if artifact.orientation['passed'] else 'FAILED'}")
-    click.echo(f"  {artifact.summary()}")
-
-
-def _parse_layers(text):
-    """``0-3,8`` -> [0, 1, 2, 3, 8]; None stays None."""
-    if text is None:
-        return None
-    layers = []
-    try:
-        for part in text.split(","):
-            first, _, last = part.strip().partition("-")
-            layers.extend(range(int(first), int(last or first) + 1))
-    except ValueError:
-        raise click.BadParameter(f"expected layer indices like `0-31` or `10,12,14`, got {text!r}",
-                                 param_hint="'--layers'") from None
-    return layers
-
-
-# -- eval ----------------------------------------------------------------------------------
-
-cli.add_command(eval_command, "eval")
+    Each steering defense adds its subcommand here (``register_commands``)."""
 
 
 # -- reference -----------------------------------------------------------------------------
 
 
 @cli.command()
-def reference():
+@click.option("--defense", "defense_name", metavar="NAME",
+              help="Print only this defense's options table (as in docs/defenses/NAME.md).")
+def reference(defense_name):
     """Print the configuration reference (Markdown) of the built-in defenses."""
-    from .reference import configuration_reference
+    from .core import plugins
+    from .core.errors import ConfigError
+    from .core.reference import configuration_reference, options_table
 
-    click.echo(configuration_reference(), nl=False)
+    if defense_name is None:
+        click.echo(configuration_reference(), nl=False)
+        return
+    try:
+        click.echo(options_table(plugins.get_defense(defense_name)), nl=False)
+    except ConfigError as error:
+        raise click.BadParameter(str(error), param_hint="'--defense'") from None

@@ -1,1 +1,2 @@
-"""Built-in defenses, one module each, registered through the plugin hooks like any other."""
+"""Built-in defenses, one folder each (the defense, its options, its helpers, data and
+commands), registered through the plugin hooks exactly like a third-party plugin."""

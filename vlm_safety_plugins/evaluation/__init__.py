@@ -1,6 +1,6 @@
 """Safety evaluation: benchmarks, judges, metrics and reports (``vlm-safety eval``).
 
-    from vlm_safety_plugins.evaluation import load_benchmark, run_eval
+    from . import load_benchmark, run_eval
     samples = load_benchmark("mm-safetybench:data/MM-SafetyBench", variant="SD_TYPO")
     summary = run_eval(model, processor, "configs/eta.yaml", samples, "runs/eta", judge="refusal")
 
@@ -8,7 +8,7 @@ Names are imported on first use, so importing the package (as the plugin manager
 for the built-in judges) stays cheap.
 """
 
-import importlib
+from ..core.lazy import lazy_exports
 
 _LAZY = {
     "Sample": ".samples",
@@ -44,15 +44,4 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -88,21 +88,22 @@ def eval_command(runs, model_name, config_path, benchmark_spec, benchmark_option
     if not model_name or not benchmark_spec:
         raise click.UsageError("--model and --benchmark are required (or --compare with run folders)")
     from .. import cli
+    from ..core import plugins
     from . import benchmarks
     from .run import run_eval
 
-    config = cli._load_config(config_path)
+    config = cli.read_config(config_path)
     try:
         _, loader, _ = benchmarks.resolve(benchmark_spec)
         loader_options = _typed_options(benchmark_options, loader, "'-O' / '--benchmark-option'")
         samples = benchmarks.load_benchmark(benchmark_spec, figstep_dir=Path(out_dir) / "figstep_images",
                                             **loader_options)
-        judge_cls = vsp.plugins.get_judge(judge_name)
+        judge_cls = plugins.get_judge(judge_name)
         judge_kwargs = _typed_options(judge_options, judge_cls, "'-J' / '--judge-option'")
     except vsp.VLMSafetyError as error:
         raise click.ClickException(str(error)) from None
     label = " ".join([benchmark_spec, *sorted(benchmark_options)])
-    model, processor = cli._load_model(model_name, seed)
+    model, processor = cli.load_model(model_name, seed)
     model.to(device)
     total = len(samples) if limit is None else min(limit, len(samples))
     try:

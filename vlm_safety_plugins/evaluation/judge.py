@@ -11,7 +11,7 @@ import inspect
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 if TYPE_CHECKING:
     from .samples import Sample
@@ -59,7 +59,7 @@ def make_judge(judge: "str | Judge | None" = None, **options) -> Judge:
         if options:
             raise ConfigError(f"judge options {sorted(options)} given with an already built judge {judge.name!r}")
         return judge
-    from .. import plugins
+    from ..core import plugins
 
     name = judge or "refusal"
     cls = plugins.get_judge(name)

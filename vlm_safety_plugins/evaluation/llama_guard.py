@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
-from ..errors import ConfigError, ModelLoadError, loading
+from ..core.errors import ConfigError, ModelLoadError, loading
 from .judge import Judge, Verdict
 
 CONTENT_FORMATS = ("auto", "text", "parts")

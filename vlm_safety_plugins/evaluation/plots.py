@@ -1,52 +1,22 @@
 """PNG plots of runs, drawn with matplotlib's object API on the Agg canvas (no display, no
-pyplot global state): ETA's CLIP pre-score histogram and the unsafe-rate / benign-utility
-trade-off of several runs."""
+pyplot global state): the unsafe-rate / benign-utility trade-off of several runs, and the
+figure helpers that defenses' own plots (``evaluation_plots`` hook) use."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
-def _figure(width: float = 6.4, height: float = 4.2):
+def new_figure(width: float = 6.4, height: float = 4.2):
+    """(figure, axes) of a new constrained-layout figure, not attached to pyplot."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
     return figure, figure.add_subplot()
 
 
-def pre_scores(records: list[dict], defense: str = "eta") -> dict[str, list[float]]:
-    """The ``scores["pre"]`` of ``defense`` per label (``harmful`` / ``benign``), from rows where it ran."""
-    scores: dict[str, list[float]] = {"harmful": [], "benign": []}
-    for record in records:
-        entry = ((record.get("safety") or {}).get("defenses") or {}).get(defense) or {}
-        value = (entry.get("scores") or {}).get("pre")
-        if value is not None:
-            scores[record["label"]].append(float(value))
-    return scores
-
-
-def pre_score_histogram(records: list[dict], threshold: float | None, path: str | Path,
-                        defense: str = "eta") -> Path | None:
-    """ETA's Fig. 2: histograms of the CLIP pre-scores of unsafe (harmful samples') and safe
-    (benign samples') images, the ``pre_threshold`` as a vertical line. Returns None, writing
-    nothing, when no row has a pre score (ETA did not run, or no row had an image)."""
-    scores = pre_scores(records, defense)
-    values = scores["harmful"] + scores["benign"]
-    if not values:
-        return None
-    figure, axes = _figure()
-    low, high = min(values + ([threshold] if threshold is not None else [])), max(values)
-    bins = [low + (high - low) * step / 30 for step in range(31)] if high > low else 10
-    for label, colour, name in (("benign", "tab:blue", "safe (benign samples)"),
-                                ("harmful", "tab:red", "unsafe (harmful samples)")):
-        if scores[label]:
-            axes.hist(scores[label], bins=bins, alpha=0.6, color=colour, label=f"{name}, n={len(scores[label])}")
-    if threshold is not None:
-        axes.axvline(threshold, color="black", linestyle="--", label=f"pre_threshold = {threshold:g}")
-    axes.set_xlabel("CLIP pre-score (cosine with the unsafe-content prompt)")
-    axes.set_ylabel("images")
-    axes.set_title("ETA pre-generation evaluator: image scores")
-    axes.legend()
+def save_figure(figure, path: str | Path) -> Path:
+    """Write ``figure`` as a PNG at ``path`` (parent folders created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
@@ -78,7 +48,7 @@ def tradeoff_plot(summaries: list[dict], path: str | Path) -> Path | None:
     if found is None:
         return None
     points, utility_name = found
-    figure, axes = _figure()
+    figure, axes = new_figure()
     for point in points:
         x, y = 100 * point["unsafe"]["rate"], 100 * point["utility"]["rate"]
         axes.errorbar(x, y, fmt="o", capsize=3,
@@ -91,7 +61,4 @@ def tradeoff_plot(summaries: list[dict], path: str | Path) -> Path | None:
     axes.set_ylabel(f"{utility_name} (%)  ↑ more useful")
     axes.set_title("Safety / utility per run (95% Wilson intervals)")
     axes.grid(alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+    return save_figure(figure, path)

@@ -15,7 +15,8 @@ from typing import Callable, Iterable, Sequence
 
 from .judge import Judge, make_judge
 from .metrics import answer_matches, summarize
-from .plots import pre_score_histogram, tradeoff_plot
+from ..core import plugins
+from .plots import tradeoff_plot
 from .refusal import is_refusal
 from .report import write_report
 from .responses import ResponseLog
@@ -23,7 +24,6 @@ from .samples import EvaluationError, Sample
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
-PRE_SCORES_PLOT = "plots/pre_scores.png"
 TRADEOFF_PLOT = "plots/tradeoff.png"
 
 
@@ -83,10 +83,8 @@ def run_eval(model, processor, config, samples: Iterable[Sample], out_dir: str |
     records = log.read()
     answered = [records[sample.id] for sample in samples if sample.id in records]
     summary = summarize(answered)
-    eta = (config.defenses.get("eta") if config is not None else None)
     summary["run"] = {**run, "config_source": config.source if config is not None else None, "defenses": defenses,
-                      "batch_size": batch_size, "limit": limit,
-                      "pre_threshold": getattr(eta, "pre_threshold", None)}
+                      "batch_size": batch_size, "limit": limit}
     write_outputs(Path(out_dir), summary, answered)
     return summary
 
@@ -124,21 +122,20 @@ def _answer(model, batch: Sequence[Sample], settings, judge: Judge, seed: int) -
 
 def _stop_ids(settings) -> set[int]:
     """Token ids that end an answer: EOS and padding (not counted as generated tokens)."""
-    ids = set()
-    for value in (settings.eos_token_id, settings.pad_token_id):
-        if value is not None:
-            ids.update(value if isinstance(value, (list, tuple)) else [value])
-    return ids
+    from ..core.runtime import token_id_list
+
+    return {*token_id_list(settings.eos_token_id), *token_id_list(settings.pad_token_id)}
 
 
 def write_outputs(folder: Path, summary: dict, records: list[dict]) -> None:
     """``summary.json``, the plots and ``report.md`` of a run folder."""
     (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     plots: dict[str, tuple[str | None, str]] = {}
-    drawn = pre_score_histogram(records, summary["run"]["pre_threshold"], folder / PRE_SCORES_PLOT)
-    plots["CLIP pre-scores of safe and unsafe images (ETA Fig. 2)"] = (
-        (PRE_SCORES_PLOT, "") if drawn else (None, "no ETA pre scores: ETA did not run or no sample had an image"))
     drawn = tradeoff_plot([summary], folder / TRADEOFF_PLOT)
     plots["Unsafe rate vs benign utility"] = (
         (TRADEOFF_PLOT, "") if drawn else (None, "needs harmful samples with a judge decision and benign samples"))
+    plugins.load_plugins()
+    for contributed in plugins.pm.hook.evaluation_plots(summary=summary, records=records, folder=folder):
+        for title, file, why_not in contributed:
+            plots[title] = (file, why_not)
     write_report(summary, plots, folder / REPORT_FILE)

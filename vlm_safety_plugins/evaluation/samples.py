@@ -8,7 +8,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import VLMSafetyError
+from ..core.errors import VLMSafetyError
 
 LABELS = ("harmful", "benign")
 

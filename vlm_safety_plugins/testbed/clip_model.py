@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..evaluators.clip import SAFETY_PROMPT
+from ..scorers.clip import SAFETY_PROMPT
 from . import images, world
 from .optim import Progress, optimiser, step
 

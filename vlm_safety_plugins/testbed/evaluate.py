@@ -55,7 +55,7 @@ CLIP_KINDS = ("scene", "blank", "noise", "concept", "typographic_harmful", "typo
 
 def clip_scores(model, preprocess, tokenizer, n: int = 40, split: str = "test", seed: int = 1) -> dict[str, list]:
     """ETA pre-eval scores (cosine with the safety prompt) of ``n`` held-out images of each kind."""
-    from ..evaluators.clip import ClipScorer
+    from ..scorers.clip import ClipScorer
     from .clip_model import world_image
 
     scorer = ClipScorer.from_open_clip(model, preprocess, tokenizer)
@@ -69,7 +69,7 @@ def clip_scores(model, preprocess, tokenizer, n: int = 40, split: str = "test", 
 
 def reward_scores(model, tokenizer, n: int = 600, split: str = "test", seed: int = 1) -> dict[str, list]:
     """Reward scores of ``n`` held-out (instruction, response) pairs, by response kind and safe/unsafe."""
-    from ..evaluators.reward import RewardScorer
+    from ..scorers.reward import RewardScorer
     from .reward_model import pairs
 
     scorer = RewardScorer(model, tokenizer)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..evaluators.reward import BEST_OF_N_INSTRUCTION, POST_EVAL_INSTRUCTION
+from ..scorers.reward import BEST_OF_N_INSTRUCTION, POST_EVAL_INSTRUCTION
 from . import images, world
 from .optim import Progress, optimiser, step
 
@@ -132,7 +132,7 @@ def load(path: str | Path):
 def train(out_dir: str | Path, *, seed: int = 0, steps: int = 300, batch_size: int = 32, n_pairs: int = 6000,
           lr: float = 2e-3, log=print):
     """Regress the score to +1 / -1 on the training split; save model (float16) and tokenizer to ``out_dir``."""
-    from ..evaluators.reward import RewardScorer
+    from ..scorers.reward import RewardScorer
 
     model, tokenizer = build(seed)
     scorer = RewardScorer(model, tokenizer, max_length=512)

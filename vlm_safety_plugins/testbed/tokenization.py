@@ -13,7 +13,7 @@ import gzip
 import json
 from pathlib import Path
 
-from ..testing import _ALPHABET, _BYTE_TOKENS, _LLAMA3_TEMPLATE
+from ..testing import ALPHABET, BYTE_TOKENS, LLAMA3_TEMPLATE
 from . import world
 
 _RM_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
@@ -22,9 +22,9 @@ _RM_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id
 
 def _general_sentences() -> list[str]:
     """A little ordinary English, so text outside the world still tokenizes into words and pieces."""
-    from ..testing import _corpus
+    from ..testing import corpus
 
-    return list(_corpus())
+    return list(corpus())
 
 
 def _train_bpe(tokenizer, corpus: list[str], specials: list[str], alphabet: list[str], vocab_size: int, **extra):
@@ -49,7 +49,7 @@ def vlm_tokenizer(vocab_size: int = 1000):
     ])
     # Whole chat turns, so that words are learnt with the spaces they have in context.
     corpus = [f"USER: {request} ASSISTANT: {answer}" for request, answer in world.dialogues()] + _general_sentences()
-    trained = _train_bpe(bpe, corpus, ["<unk>", "<s>", "</s>", *_BYTE_TOKENS], _ALPHABET + ["▁"], vocab_size)
+    trained = _train_bpe(bpe, corpus, ["<unk>", "<s>", "</s>", *BYTE_TOKENS], ALPHABET + ["▁"], vocab_size)
     vocab = trained["vocab"]
     vocab.update({token: len(vocab) + i for i, token in enumerate(("<image>", "<pad>"))})
     merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in trained["merges"]]
@@ -64,7 +64,7 @@ def reward_tokenizer(vocab_size: int = 800):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from ..evaluators.reward import BEST_OF_N_INSTRUCTION, POST_EVAL_INSTRUCTION
+    from ..scorers.reward import BEST_OF_N_INSTRUCTION, POST_EVAL_INSTRUCTION
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -79,7 +79,7 @@ def reward_tokenizer(vocab_size: int = 800):
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
         pad_token="<|finetune_right_pad_id|>", extra_special_tokens=[_RM_SPECIALS[1], _RM_SPECIALS[3], _RM_SPECIALS[4]],
-        add_bos_token=True, chat_template=_LLAMA3_TEMPLATE, model_max_length=512, padding_side="right",
+        add_bos_token=True, chat_template=LLAMA3_TEMPLATE, model_max_length=512, padding_side="right",
     )  # fmt: skip
 
 

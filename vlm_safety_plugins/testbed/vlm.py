@@ -65,7 +65,7 @@ def load(path: str | Path):
 
 def adapter(model, processor):
     """The package's LLaVA model adapter (prompt building, turn boundaries) for this model."""
-    from ..adapters.llava import LlavaAdapter
+    from ..core.adapters.llava import LlavaAdapter
 
     return LlavaAdapter(model, processor)
 

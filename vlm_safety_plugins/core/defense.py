@@ -1,0 +1,174 @@
+"""Defense: the base class of every built-in and third-party defense.
+
+A defense contributes any of five kinds of work; the runtime calls only the methods a
+subclass overrides, in this order for every defended ``generate`` call:
+
+1. ``transform_inputs(call)``     edit ``call.inputs`` before anything runs (prompt text, images)
+2. ``around_generate(call, proceed)``  wrap the rest: evaluate, then maybe re-generate
+3. ``interventions(call)``        residual-stream edits active during the inner generate
+4. ``logits_processors(call)``    extra LogitsProcessors for the inner generate
+5. ``stopping_criteria(call)``    extra StoppingCriteria for the inner generate
+
+Defenses apply in the order the config lists them (around-generate steps nest: the first
+listed is outermost). One instance serves every call with the same options, from any
+thread, so per-request state lives on ``call``, never on ``self``.
+
+``call`` is a ``DefenseCall``: the whole of what a defense may use of a generate call.
+The runtime's ``GenerationCall`` implements it; anything else on that class is the
+runtime's own business.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, Sequence
+
+from .options import NoOptions
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import GenerationConfig
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    from ..steering.interventions import Intervention
+    from .adapters.base import ModelAdapter
+    from .report import DefenseRecord
+
+WORK_KINDS = ("transform_inputs", "around_generate", "interventions", "logits_processors", "stopping_criteria")
+
+
+class CallStreamer(Protocol):
+    """The caller's streamer as a defense sees it: tokens go out only through ``put``."""
+
+    started: bool
+
+    def put(self, value: torch.Tensor) -> None: ...
+
+    def end(self) -> None: ...
+
+
+class DefenseCall(Protocol):
+    """What a defense may use of one defended ``generate`` call.
+
+    Read the request (``inputs``, ``images``, ``generation_config``), edit the prompt
+    (``insert_prompt_tokens``), run the rest of the generation (``generate``), and say what
+    was done, per row (``record``). Everything is per call: two threads never share one.
+    """
+
+    model: Any
+    """The attached transformers model (possibly a PEFT wrapper)."""
+    processor: Any
+    adapter: ModelAdapter
+    """The model family's adapter: decoder layers, prompt layout, tokenizer, image masks."""
+    resources: Resources
+    """Heavy objects shared by every call on this model (scorers), loaded once per key."""
+    inputs: dict[str, torch.Tensor]
+    """The model's tensors (``input_ids``, ``attention_mask``, ``pixel_values``, ...)."""
+    kwargs: dict[str, Any]
+    """Every other generate argument (``generation_config``, ``max_new_tokens``, ...)."""
+    prompt_ids: torch.Tensor
+    """The caller's ``input_ids``, unchanged by prompt edits."""
+    batch_size: int
+    streamer: CallStreamer | None
+    """The caller's streamer, or None."""
+
+    @property
+    def images(self) -> list[list[Any]]:
+        """One list of raw PIL images per row (empty for text-only rows)."""
+
+    @property
+    def image_rows(self) -> list[bool]:
+        """Per row, whether its prompt holds image tokens."""
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        """The GenerationConfig in force (the caller's, else the model's)."""
+
+    def record(self, defense: str, row: int) -> DefenseRecord:
+        """The record of ``defense`` in row ``row``'s report."""
+
+    def insert_prompt_tokens(self, token_ids: Sequence[int], positions: torch.Tensor,
+                             rows: Sequence[bool] | None = None) -> None:
+        """Insert tokens into selected rows' prompts at ``positions[row]``; the caller's prompt is restored."""
+
+    def pad_token_id(self) -> int:
+        """The call's pad token id."""
+
+    def eos_token_ids(self) -> list[int]:
+        """The call's end-of-sequence ids (none, one or several)."""
+
+    def generate(self, *, rows: Sequence[int] | None = None, **overrides: Any) -> GenerateDecoderOnlyOutput:
+        """The inner transformers generate with every defense's processors, criteria and interventions."""
+
+
+class Defense:
+    """Subclass, set ``name`` and ``Options``, override the kinds of work it does."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    description: ClassVar[str] = ""
+
+    def __init__(self, options: Any, resources: Resources):
+        self.options = options
+        self.resources = resources
+
+    @classmethod
+    def conformance_options(cls, model, processor, workdir: Path) -> dict[str, dict]:
+        """Option sets for the conformance suite every defense passes (tests/test_conformance.py).
+
+        Return ``{"neutral": ..., "active": ...}``: under ``neutral`` the defense is enabled
+        but changes nothing (the tokens of plain greedy generate, on a batch of an image row
+        and a text-only row of ``model``); under ``active`` it acts on that batch, and
+        deterministically under greedy decoding. ``workdir`` is an empty folder for any
+        artifact the options need. A defense that declares none fails the suite.
+        """
+        return {}
+
+    @classmethod
+    def kinds(cls) -> tuple[str, ...]:
+        """The kinds of work this defense does: the base methods it overrides."""
+        return tuple(kind for kind in WORK_KINDS if getattr(cls, kind) is not getattr(Defense, kind))
+
+    def records(self, call: DefenseCall, ran: bool | Sequence[bool] = True) -> list[DefenseRecord]:
+        """This defense's record in every row's report, each marked ``ran`` (one flag, or one per row)."""
+        flags = [ran] * call.batch_size if isinstance(ran, bool) else list(ran)
+        records = [call.record(self.name, row) for row in range(call.batch_size)]
+        for record, flag in zip(records, flags):
+            record.ran = bool(flag)
+        return records
+
+    def transform_inputs(self, call: DefenseCall) -> None:
+        """Edit ``call.inputs`` in place (through the call's helpers) before generation."""
+
+    def around_generate(self, call: DefenseCall, proceed: Callable[..., Any]) -> Any:
+        """Run ``proceed(**overrides)`` (the rest of the chain; ``overrides`` replace generate
+        kwargs, e.g. ``streamer=None`` to buffer) and return a GenerateDecoderOnlyOutput."""
+        return proceed()
+
+    def interventions(self, call: DefenseCall) -> Sequence[Intervention]:
+        """Residual-stream interventions to activate during the inner generate."""
+        return ()
+
+    def logits_processors(self, call: DefenseCall) -> Sequence[Any]:
+        """LogitsProcessors to add to the inner generate."""
+        return ()
+
+    def stopping_criteria(self, call: DefenseCall) -> Sequence[Any]:
+        """StoppingCriteria to add to the inner generate."""
+        return ()
+
+
+class Resources:
+    """Heavy objects (CLIP, reward models) loaded once per attached model, keyed by their config."""
+
+    def __init__(self):
+        self._items: dict[Any, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, load: Callable[[], Any]) -> Any:
+        """The object cached under ``key``, loading it with ``load()`` the first time."""
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = load()
+            return self._items[key]

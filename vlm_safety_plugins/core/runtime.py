@@ -1,0 +1,394 @@
+"""attach/detach and the defended ``generate``.
+
+``attach`` replaces ``model.generate`` on that one object (never the class) with
+``Attachment.generate``. Without a ``vlm_safety`` flag, or with no defense enabled, it
+calls the original generate with exactly the caller's arguments (``images=`` aside), so
+the tokens are bit-for-bit those of plain transformers. Otherwise one ``GenerationCall``
+carries the request through the defenses in the order ``defense.py`` documents, and the
+output gets one ``SafetyReport`` per input row as ``.safety``.
+
+Everything about a call lives on its ``GenerationCall`` and in context variables, never on
+the shared model, so one attached model serves concurrent calls with different flags.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+from transformers import LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from . import plugins
+from .adapters import find_adapter
+from .config import GENERATION_CONFIG_KEY, SafetyConfig
+from .defense import Defense, Resources
+from .errors import DefenseError
+from ..steering.interventions import InterventionHooks
+from .report import DefenseRecord, SafetyReport
+
+ATTACHMENT_ATTRIBUTE = "_vlm_safety_attachment"
+CACHE_LIMIT = 64  # distinct configs (and defense instances) kept per attached model
+# Per prompt-shaped input: (value of an inserted token, value of a padding token).
+INSERTED_VALUES = {"input_ids": (None, None), "attention_mask": (1, 0), "token_type_ids": (0, 0),
+                   "mm_token_type_ids": (0, 0)}
+
+
+def attach(model, processor, *, adapter=None):
+    """Make ``model.generate`` apply the defenses its generation config names; idempotent.
+
+    ``adapter`` overrides the model adapter chosen by ``model.config.model_type``.
+    Returns the model, for chaining.
+    """
+    if get_attachment(model) is not None:
+        return model
+    attachment = Attachment(model, processor, adapter or find_adapter(model, processor))
+    model.__dict__[ATTACHMENT_ATTRIBUTE] = attachment
+    model.__dict__["generate"] = attachment.generate
+    return model
+
+
+def detach(model):
+    """Undo ``attach``: remove the hooks and the generate override; returns the model."""
+    attachment = model.__dict__.pop(ATTACHMENT_ATTRIBUTE, None)
+    if attachment is not None:
+        attachment.hooks.remove()
+        model.__dict__.pop("generate", None)
+    return model
+
+
+def get_attachment(model) -> "Attachment | None":
+    """The Attachment of an attached model, else None."""
+    return model.__dict__.get(ATTACHMENT_ATTRIBUTE)
+
+
+class Attachment:
+    """What ``attach`` adds to one model: adapter, hooks, caches, and the defended generate."""
+
+    def __init__(self, model, processor, adapter):
+        self.model, self.processor, self.adapter = model, processor, adapter
+        self.original_generate = model.generate
+        self.hooks = InterventionHooks(adapter.decoder_layers(), adapter.hidden_size())
+        self.resources = Resources()
+        self._configs: dict[str, SafetyConfig] = {}
+        self._defenses: dict[tuple[str, str], Defense] = {}
+        self._lock = threading.Lock()
+
+    def generate(self, *args, **kwargs):
+        """transformers' generate, plus the defenses named by the ``vlm_safety`` flag."""
+        images = kwargs.pop("images", None)
+        flags = kwargs.pop(GENERATION_CONFIG_KEY, None)
+        if flags is None:
+            generation_config = kwargs.get("generation_config") or self.model.generation_config
+            flags = getattr(generation_config, GENERATION_CONFIG_KEY, None)
+        if flags is None:
+            return self.original_generate(*args, **kwargs)
+        config = self.config_for(flags)
+        if not config.enabled:
+            return self.original_generate(*args, **kwargs)
+        if args:
+            kwargs.update(zip(("input_ids", "generation_config"), args))
+        return GenerationCall(self, config, kwargs, images).run()
+
+    def config_for(self, flags: Any) -> SafetyConfig:
+        """The validated SafetyConfig of a ``vlm_safety`` value, parsed once per distinct value."""
+        if isinstance(flags, SafetyConfig):
+            return flags
+        key = repr(flags)
+        config = self._configs.get(key)
+        if config is None:
+            config = SafetyConfig.from_dict(flags)
+            if len(self._configs) >= CACHE_LIMIT:
+                self._configs.clear()
+            self._configs[key] = config
+        return config
+
+    def defenses_for(self, config: SafetyConfig) -> list[Defense]:
+        """One Defense instance per (name, options), shared by every call that uses them."""
+        defenses = []
+        for name, options in config.defenses.items():
+            key = (name, repr(options))
+            with self._lock:
+                if key not in self._defenses:
+                    if len(self._defenses) >= CACHE_LIMIT:
+                        self._defenses.clear()
+                    self._defenses[key] = plugins.get_defense(name)(options, self.resources)
+                defenses.append(self._defenses[key])
+        return defenses
+
+
+class _DefenseFailed(Exception):
+    """Carries a defense's exception out of the chain, with the defense's name."""
+
+    def __init__(self, defense: str, error: BaseException):
+        super().__init__(defense, error)
+        self.defense, self.error = defense, error
+
+
+class GenerationCall:
+    """One defended generate call: its inputs, raw images, reports and the inner generate.
+
+    It implements ``DefenseCall`` (core/defense.py), the contract defenses code against;
+    ``run`` and the underscored members are the runtime's own.
+    """
+
+    def __init__(self, attachment: Attachment, config: SafetyConfig, kwargs: dict, images: Any):
+        self._attachment = attachment
+        self.model, self.processor, self.adapter = attachment.model, attachment.processor, attachment.adapter
+        self.resources = attachment.resources
+        self.config = config
+        self.inputs = {name: value for name, value in kwargs.items() if isinstance(value, torch.Tensor)}
+        self.kwargs = {name: value for name, value in kwargs.items() if name not in self.inputs}
+        if "input_ids" not in self.inputs:
+            raise DefenseError("a defended generate needs `input_ids` (inputs_embeds alone cannot be defended)")
+        self.prompt_ids = self.inputs["input_ids"]
+        self.batch_size = self.prompt_ids.shape[0]
+        self._images = _normalise_images(images, self.batch_size)
+        self.defenses = attachment.defenses_for(config)
+        self.reports = [SafetyReport(row=row) for row in range(self.batch_size)]
+        self._interventions: list | None = None
+        self._prompt_pass = None  # the interventions' state after the last generate over the whole prompt
+        self.streamer = _StreamerProxy(self.kwargs["streamer"]) if self.kwargs.get("streamer") else None
+        if self.streamer is not None:
+            self.kwargs["streamer"] = self.streamer
+
+    # -- what defenses use -------------------------------------------------------------
+
+    @property
+    def images(self) -> list[list[Any]]:
+        """One list of raw PIL images per row (empty for text-only rows).
+
+        Raises DefenseError when the request has image inputs but ``images=`` was not
+        given and the model adapter cannot rebuild them from ``pixel_values``.
+        """
+        if self._images is None:
+            if "pixel_values" not in self.inputs:
+                self._images = [[] for _ in range(self.batch_size)]
+            else:
+                self._images = self.adapter.rebuild_images(self.inputs)
+        return self._images
+
+    @property
+    def image_rows(self) -> list[bool]:
+        """Per row, whether its prompt holds image tokens (the rows image-only defenses act on)."""
+        return self.adapter.image_token_mask(self.inputs["input_ids"]).any(dim=1).tolist()
+
+    @property
+    def generation_config(self):
+        """The GenerationConfig in force for this call (the caller's, else the model's)."""
+        return self.kwargs.get("generation_config") or self.model.generation_config
+
+    def record(self, defense: str, row: int) -> DefenseRecord:
+        """The record of ``defense`` in row ``row``'s report, created on first use."""
+        records = self.reports[row].defenses
+        if defense not in records:
+            records[defense] = DefenseRecord(name=defense)
+        return records[defense]
+
+    def insert_prompt_tokens(self, token_ids: Sequence[int], positions: torch.Tensor,
+                             rows: Sequence[bool] | None = None) -> None:
+        """Insert ``token_ids`` into the prompt of each selected row at ``positions[row]``.
+
+        Rows not selected get as many padding tokens on the left instead, so the batch
+        stays rectangular and left-padded; the attention mask and token-type tensors grow
+        with it. The caller's prompt is restored in the returned sequences, so slicing by
+        the original prompt length keeps working.
+        """
+        ids = torch.as_tensor(list(token_ids), dtype=self.prompt_ids.dtype, device=self.prompt_ids.device)
+        shape = tuple(self.inputs["input_ids"].shape)
+        selected = [True] * shape[0] if rows is None else list(rows)
+        for name, tensor in list(self.inputs.items()):
+            if tuple(tensor.shape) != shape:
+                continue
+            if name not in INSERTED_VALUES:
+                raise DefenseError(f"cannot insert prompt tokens: input `{name}` has the prompt's shape "
+                                   f"{shape} but no known fill value")
+            content, padding = INSERTED_VALUES[name]
+            if name == "input_ids":
+                content, padding = ids, self.pad_token_id()
+            content = torch.as_tensor(content, dtype=tensor.dtype, device=tensor.device).expand(len(ids))
+            padding = torch.as_tensor(padding, dtype=tensor.dtype, device=tensor.device).expand(len(ids))
+            self.inputs[name] = torch.stack([
+                torch.cat([row[:at], content, row[at:]]) if keep else torch.cat([padding, row])
+                for row, at, keep in zip(tensor, positions.tolist(), selected)])
+
+    def pad_token_id(self) -> int:
+        """The pad token id of this call (generation config first, then the tokenizer)."""
+        pad = token_id_list(self.generation_config.pad_token_id) or token_id_list(self.adapter.tokenizer.pad_token_id)
+        if not pad:
+            raise DefenseError("cannot pad the batch: neither the generation config nor the tokenizer has a pad token")
+        return pad[0]
+
+    def eos_token_ids(self) -> list[int]:
+        """The end-of-sequence ids of this call's generation config (none, one or several)."""
+        return token_id_list(self.generation_config.eos_token_id)
+
+    def generate(self, *, rows: Sequence[int] | None = None, **overrides) -> GenerateDecoderOnlyOutput:
+        """The inner transformers generate: current inputs, the defenses' interventions,
+        logits processors and stopping criteria; ``overrides`` replace generate kwargs.
+
+        ``rows`` marks a continuation of some of this call's rows from a KV cache of their
+        prompt: per generated row, the call row it continues. ``overrides`` then carry all
+        the model inputs (``past_key_values``, the grown ``input_ids`` and attention mask;
+        image inputs live in the cache), and interventions steer each row as its call row,
+        with positions counted from the call's prompt, as in one uninterrupted generate.
+        """
+        kwargs = _inner_generate_kwargs({**self.kwargs, **(self.inputs if rows is None else {}), **overrides})
+        processors = self._collect("logits_processors")
+        if processors:
+            kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), *processors])
+        criteria = self._collect("stopping_criteria")
+        if criteria:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), *criteria])
+        if self._interventions is None:  # once per call: continuations must reuse the same objects
+            self._interventions = self._collect("interventions")
+        prompt, cache = (self.inputs if rows is not None else kwargs)["input_ids"], kwargs.get("past_key_values")
+        with self._attachment.hooks.activate(self._interventions, prompt_length=prompt.shape[1],
+                                            batch_size=prompt.shape[0],
+                                            start_position=cache.get_seq_length() if cache is not None else 0,
+                                            rows=rows, inherit=self._prompt_pass if rows is not None else None
+                                            ) as state:
+            output = self._attachment.original_generate(**kwargs)
+        if rows is None:
+            self._prompt_pass = state
+        return output
+
+    # -- the call itself ----------------------------------------------------------------
+
+    def run(self):
+        """Apply the defenses, generate, restore the caller's prompt and attach the reports."""
+        wants_dict = _wants_dict_output(self.kwargs, self.generation_config)
+        try:
+            for defense in self._defenses_doing("transform_inputs"):
+                self._step(defense, defense.transform_inputs, self)
+            output = self._around(self._defenses_doing("around_generate"), {})
+            output = self._restore_prompt(output)
+        except _DefenseFailed as failure:
+            if self.config.on_error == "raise":
+                raise failure.error from None
+            output = self._refuse(f"{failure.defense}: {type(failure.error).__name__}: {failure.error}")
+        output.safety = self.reports
+        for report in self.reports:
+            plugins.pm.hook.safety_report(report=report)
+        return output if wants_dict else output.sequences
+
+    def _around(self, chain: list[Defense], overrides: dict):
+        if not chain:
+            return self.generate(**overrides)
+        outer, rest = chain[0], chain[1:]
+        return self._step(outer, outer.around_generate, self,
+                          lambda **inner: self._around(rest, {**overrides, **inner}))
+
+    def _step(self, defense: Defense, method: Callable, *args):
+        """Run one defense method, timing it into every row's record, tagging its failures."""
+        started = time.perf_counter()
+        try:
+            return method(*args)
+        except _DefenseFailed:
+            raise
+        except Exception as error:  # noqa: BLE001 - any failure of a defense fails closed
+            raise _DefenseFailed(defense.name, error) from error
+        finally:
+            elapsed = time.perf_counter() - started
+            for row in range(self.batch_size):
+                self.record(defense.name, row).time_s += elapsed
+
+    def _defenses_doing(self, kind: str) -> list[Defense]:
+        return [defense for defense in self.defenses if kind in type(defense).kinds()]
+
+    def _collect(self, kind: str) -> list:
+        return [item for defense in self._defenses_doing(kind)
+                for item in self._step(defense, getattr(defense, kind), self)]
+
+    def _restore_prompt(self, output):
+        prompt = self.inputs["input_ids"]
+        if prompt is self.prompt_ids:
+            return output
+        copies = output.sequences.shape[0] // self.batch_size
+        original = self.prompt_ids.repeat_interleave(copies, dim=0)
+        output.sequences = torch.cat([original, output.sequences[:, prompt.shape[1]:]], dim=1)
+        return output
+
+    def _refuse(self, reason: str):
+        """Fail closed: every row answers with the configured refusal text."""
+        tokenizer = self.adapter.tokenizer
+        refusal = tokenizer(self.config.refusal, add_special_tokens=False)["input_ids"]
+        answer = torch.tensor(refusal + self.eos_token_ids()[:1], dtype=self.prompt_ids.dtype,
+                              device=self.prompt_ids.device)
+        copies = self.kwargs.get("num_return_sequences") or self.generation_config.num_return_sequences or 1
+        prompt = self.prompt_ids.repeat_interleave(copies, dim=0)
+        sequences = torch.cat([prompt, answer.expand(prompt.shape[0], -1)], dim=1)
+        for report in self.reports:
+            report.refused, report.error = True, reason
+        if self.streamer is not None:
+            self.streamer.replace_with(self.prompt_ids, answer)
+        return GenerateDecoderOnlyOutput(sequences=sequences)
+
+
+class _StreamerProxy:
+    """Forwards to the caller's streamer, remembering how far it got (for refusals)."""
+
+    def __init__(self, streamer):
+        self.streamer, self.started, self.ended = streamer, False, False
+
+    def put(self, value):
+        self.started = True
+        self.streamer.put(value)
+
+    def end(self):
+        self.ended = True
+        self.streamer.end()
+
+    def replace_with(self, prompt: torch.Tensor, answer: torch.Tensor) -> None:
+        """Stream a refusal: the prompt first if nothing was streamed yet, then the answer."""
+        if self.ended:
+            return
+        if not self.started:
+            self.put(prompt)
+        self.put(answer)
+        self.end()
+
+
+def token_id_list(value: int | Sequence[int] | None) -> list[int]:
+    """A token-id setting (eos, pad) that transformers allows as None, one id or several, as a list."""
+    if value is None:
+        return []
+    return [int(value)] if isinstance(value, int) else [int(item) for item in value]
+
+
+def _wants_dict_output(kwargs: dict, generation_config) -> bool:
+    if "return_dict_in_generate" in kwargs:
+        return bool(kwargs["return_dict_in_generate"])
+    return bool(getattr(generation_config, "return_dict_in_generate", False))
+
+
+def _inner_generate_kwargs(kwargs: dict) -> dict:
+    """``kwargs`` for the inner generate, asking for a GenerateDecoderOnlyOutput.
+
+    Generation settings given beside a GenerationConfig (the caller's, or a defense's
+    overrides) are folded into a copy of it, as transformers itself would, so that a
+    defended call never trips transformers' warning about passing both.
+    """
+    config = kwargs.get("generation_config")
+    if config is None:
+        return {**kwargs, "return_dict_in_generate": True}
+    config = copy.deepcopy(config)
+    rest = config.update(**{name: value for name, value in kwargs.items() if name != "generation_config"})
+    config.return_dict_in_generate = True
+    return {**rest, "generation_config": config}
+
+
+def _normalise_images(images: Any, batch_size: int) -> list[list[Any]] | None:
+    """``images=`` as one list per row: accepts an image, a list (one per row) or a list of lists."""
+    if images is None:
+        return None
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    rows = [list(item) if isinstance(item, (list, tuple)) else ([] if item is None else [item]) for item in images]
+    if len(rows) != batch_size:
+        raise DefenseError(f"images= has {len(rows)} entries but the batch has {batch_size} rows; "
+                           "pass one image (or one list of images, or None) per row")
+    return rows

@@ -1,0 +1,282 @@
+"""ETA: Evaluating Then Aligning (arXiv 2410.06625), as docs/defenses/eta.md describes.
+
+Per row: a CLIP pre-check scores the image against a safety prompt. A safe image means
+the vanilla answer, generated (and streamed) as usual, and the reward model never runs.
+Otherwise the vanilla answer is generated and buffered, the reward model post-checks it,
+and when both checks say unsafe the answer is replaced by the interference prefix plus a
+sentence-level best-of-N continuation scored by reward (safety) plus CLIP (utility).
+Text-only rows are decided by the post-check alone (``text_only: post``) or passed.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers import DynamicCache
+
+from ...core import plugins
+from .best_of_n import GROWING_INPUTS, extend_context, keep_row, prefill_cache, recording_cache, sentence_best_of_n
+from ...core.defense import Defense
+from ...core.errors import DefenseError
+from ...scorers.reward import BEST_OF_N_INSTRUCTION, POST_EVAL_INSTRUCTION
+from ...core.options import option
+from ...core.report import MODIFIED
+
+
+@dataclass(frozen=True)
+class ClipOptions:
+    evaluator: str = option("clip", doc="Registered image-safety evaluator to use (see `vlm-safety plugins`).")
+    backend: Literal["open_clip", "transformers"] = option("open_clip", doc="CLIP implementation.")
+    model: str = option("ViT-L-14-336", doc="open_clip model name, or a transformers hub id / local path; "
+                                            "`tiny-clip` builds the offline test model.")
+    pretrained: str | None = option("openai", doc="open_clip pretrained tag (ignored by transformers).")
+    device: str | None = option(None, doc="Device for CLIP; default: the VLM's device.")
+
+
+@dataclass(frozen=True)
+class RewardModelOptions:
+    evaluator: str = option("reward_model", doc="Registered reward evaluator to use (see `vlm-safety plugins`).")
+    path: str = option("RLHFlow/ArmoRM-Llama3-8B-v0.1", doc="Reward model hub id or local path; "
+                                                            "`tiny-reward-model` builds the offline test model.")
+    trust_remote_code: bool = option(True, doc="Needed by ArmoRM's custom output with `.score`.")
+    max_length: int = option(4096, doc="Reward-model input is truncated to this many tokens.", min=8)
+    device: str | None = option(None, doc="Device for the reward model; default: the VLM's device.")
+
+
+@dataclass(frozen=True)
+class BestOfNOptions:
+    n: int = option(5, doc="Candidates sampled per sentence.", min=1)
+    top_k: int = option(5, doc="Top-k of the candidate sampler (the reference ties it to n).", min=1)
+    temperature: float = option(1.5, doc="Sampling temperature of the candidates.", above=0.0)
+    alpha: float = option(1.0, doc="Weight of the CLIP utility term, divided by the sentence index.", min=0.0)
+    max_sentence_tokens: int = option(70, doc="Cap on one sentence's tokens.", min=1)
+
+
+@dataclass(frozen=True)
+class EtaOptions:
+    pre_threshold: float = option(0.16, doc="CLIP cosine at or above which the image is judged unsafe.",
+                                  min=-1.0, max=1.0)
+    post_threshold: float = option(0.06, doc="Reward at or below which the answer is judged unsafe.")
+    clip: ClipOptions = option(ClipOptions(), doc="Pre-generation evaluator (image safety).")
+    reward_model: RewardModelOptions = option(RewardModelOptions(), doc="Post-generation evaluator.")
+    prefix: str = option("As an AI assistant", doc="Interference prefix: the aligned answer's first words.")
+    best_of_n: BestOfNOptions = option(BestOfNOptions(), doc="Sentence-level best-of-N search.")
+    max_new_tokens: int = option(1024, doc="Cap on the aligned answer (also capped by the call's max_new_tokens).",
+                                 min=1)
+    boundary: Literal["text", "reference"] = option("text", doc="Sentence boundary: `text` (. ? ! newline, not "
+                                                                "decimals or list numbers) or `reference` (. only).")
+    alignment: Literal["full", "shallow_only", "deep_only"] = option(
+        "full", doc="Ablations: `shallow_only` = prefix then ordinary decoding; `deep_only` = best-of-N, no prefix.")
+    text_only: Literal["post", "pass"] = option("post", doc="Rows without an image: decided by the post-check "
+                                                            "alone (`post`), or never aligned (`pass`).")
+    reward_sees: Literal["instruction", "question"] = option(
+        "instruction", doc="What the reward model sees as the user turn: the reference's fixed safety "
+                           "instruction, or the user's real question.")
+
+
+class Eta(Defense):
+    """Evaluate (CLIP pre-check, reward post-check), then align unsafe rows (prefix + best-of-N)."""
+
+    name = "eta"
+    Options = EtaOptions
+    description = "ETA: CLIP + reward-model evaluation, then interference prefix and sentence best-of-N."
+
+    @classmethod
+    def conformance_options(cls, model, processor, workdir):
+        scorers = {"clip": {"model": "tiny-clip"}, "reward_model": {"path": "tiny-reward-model"}}
+        # neutral: no image is unsafe (cosine < 1) and text-only rows pass; active: every row is
+        # judged unsafe and aligned by the prefix alone (greedy, so deterministic)
+        return {"neutral": {**scorers, "pre_threshold": 1.0, "text_only": "pass"},
+                "active": {**scorers, "pre_threshold": -1.0, "post_threshold": 1e9, "alignment": "shallow_only"}}
+
+    def around_generate(self, call, proceed):
+        options, rows = self.options, range(call.batch_size)
+        copies = call.kwargs.get("num_return_sequences") or call.generation_config.num_return_sequences or 1
+        if copies > 1:
+            raise DefenseError(f"eta returns one answer per row; got num_return_sequences={copies}")
+        records = self.records(call)
+        started = time.perf_counter()
+        image_embeddings, pre = self._pre_check(call)
+        clip_s = time.perf_counter() - started
+        checked = [row for row in rows if (pre[row] >= options.pre_threshold if pre[row] is not None
+                                           else options.text_only == "post")]
+        for row, record in enumerate(records):
+            if pre[row] is not None:
+                record.scores["pre"] = pre[row]
+            record.details.update(pre_unsafe=pre[row] is not None and row in checked, unsafe=False, aligned=False,
+                                  time_s={"clip": clip_s})
+        if not checked:
+            return proceed()
+
+        started = time.perf_counter()
+        reuse_cache = (call.kwargs.get("num_beams") or call.generation_config.num_beams or 1) == 1
+        cache = recording_cache(call.model.config) if reuse_cache else None
+        output = proceed(streamer=None, **({"past_key_values": cache} if reuse_cache else {}))
+        prompt_length = call.inputs["input_ids"].shape[1]
+        answers = [ids.tolist() for ids in output.sequences[:, prompt_length:]]
+        vanilla_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        texts = call.adapter.tokenizer.batch_decode([answers[row] for row in checked], skip_special_tokens=True)
+        post = self._reward(call).score(self._user_turns(call, checked, POST_EVAL_INSTRUCTION), texts).tolist()
+        reward_s = time.perf_counter() - started
+        unsafe = [row for row, score in zip(checked, post) if score <= options.post_threshold]
+        for row, score in zip(checked, post):
+            records[row].scores["post"] = score
+        for record in records:
+            record.details["time_s"].update(vanilla=vanilla_s, reward=reward_s)
+
+        if unsafe and cache is None:  # beam search reorders its cache: prefill the prompts again
+            cache = prefill_cache(call.generate, call.model.config, {})
+        for position, row in enumerate(unsafe):
+            started = time.perf_counter()
+            row_cache = cache if position == len(unsafe) - 1 else copy.deepcopy(cache)
+            keep_row(row_cache, row, length=prompt_length - 1)
+            answers[row] = self._align(call, row, row_cache, image_embeddings[row])
+            records[row].details.update(unsafe=True, aligned=True)
+            records[row].decision = MODIFIED
+            records[row].details["time_s"]["align"] = time.perf_counter() - started
+        return self._output(call, output, answers)
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    def _pre_check(self, call):
+        """Per row: the CLIP embeddings of its images (or None) and its pre score (max over images, or None)."""
+        images = call.images
+        flat = [image for row_images in images for image in row_images]
+        if not flat:
+            return [None] * call.batch_size, [None] * call.batch_size
+        clip = self._clip(call)
+        embeddings = clip.embed_images(flat)
+        scores = clip.safety_scores(embeddings)
+        per_row, pre, start = [], [], 0
+        for row_images in images:
+            stop = start + len(row_images)
+            per_row.append(embeddings[start:stop] if row_images else None)
+            pre.append(float(scores[start:stop].max()) if row_images else None)
+            start = stop
+        return per_row, pre
+
+    def _user_turns(self, call, rows, instruction):
+        if self.options.reward_sees == "instruction":
+            return [instruction] * len(rows)
+        return [call.adapter.user_text(call.inputs["input_ids"][row]) for row in rows]
+
+    # -- alignment ------------------------------------------------------------------------
+
+    def _align(self, call, row: int, cache: DynamicCache, image_embedding) -> list[int]:
+        """The aligned answer of one row: interference prefix, then best-of-N (per the ablation).
+
+        ``cache`` holds the row's prompt but its last position; it is consumed.
+        """
+        options = self.options
+        call.adapter.select_cached_rows([row])
+        prompt = {name: call.inputs[name][row:row + 1] for name in ("input_ids", *GROWING_INPUTS)
+                  if name in call.inputs}
+        budget = min(options.max_new_tokens, call.generation_config.max_new_tokens or options.max_new_tokens)
+        prefix = (call.adapter.response_ids(options.prefix) if options.alignment != "deep_only" else [])[:budget]
+        context = extend_context(prompt, prefix)
+        streamer = call.streamer if call.batch_size == 1 else None
+        if streamer is not None:  # the aligned answer streams as it is decided
+            streamer.put(prompt["input_ids"].cpu())
+            streamer.put(torch.tensor(prefix, dtype=torch.long))
+
+        def generate(**kwargs):
+            return call.generate(rows=[row] * kwargs["input_ids"].shape[0], **kwargs)
+
+        if len(prefix) == budget:  # the token budget ends inside the prefix: nothing left to generate
+            return prefix
+        if options.alignment == "shallow_only":
+            output = generate(**context, past_key_values=cache, max_new_tokens=budget - len(prefix), streamer=None)
+            tokens = output.sequences[0, context["input_ids"].shape[1]:].tolist()
+            if streamer is not None:
+                streamer.put(torch.tensor(tokens, dtype=torch.long))
+            return prefix + tokens
+        search = sentence_best_of_n(
+            generate, call.adapter.tokenizer, context, self._scorer(call, row, prefix, image_embedding),
+            cache=cache, n=options.best_of_n.n, top_k=options.best_of_n.top_k,
+            temperature=options.best_of_n.temperature, max_sentence_tokens=options.best_of_n.max_sentence_tokens,
+            max_new_tokens=budget - len(prefix), boundary=options.boundary,
+            eos_token_id=call.eos_token_ids(), streamer=streamer)
+        record = call.record(self.name, row)
+        record.details.update(sentences=search.sentences, candidates=search.candidates)
+        record.details["time_s"].update(decode=search.decode_s, score=search.score_s)
+        return prefix + search.token_ids
+
+    def _scorer(self, call, row, prefix, image_embedding):
+        """Score rule of docs/defenses/eta.md: reward, plus α/i · CLIP(image, sentence) after the first sentence."""
+        tokenizer, reward, clip = call.adapter.tokenizer, self._reward(call), self._clip(call)
+        alpha = self.options.best_of_n.alpha
+        user_turn = self._user_turns(call, [row], BEST_OF_N_INSTRUCTION)[0]
+
+        def score(candidates, index, accepted):
+            responses = tokenizer.batch_decode([prefix + accepted + ids for ids in candidates.token_ids],
+                                               skip_special_tokens=True)
+            rewards = reward.score([user_turn] * len(responses), responses)
+            utilities = None
+            if uses_utility(index, candidates.ended_with_eos) and image_embedding is not None and alpha:
+                # the new sentence against the row's image(s), best image if several
+                utilities = clip.similarity(clip.embed_texts(candidates.texts), image_embedding).max(dim=1).values
+            return candidate_scores(rewards, utilities, index=index, alpha=alpha)
+
+        return score
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _output(self, call, output, answers):
+        """The batch's sequences: the prompt, then each row's answer, padded to one length."""
+        prompt = call.inputs["input_ids"]
+        pad = call.pad_token_id()
+        width = max(map(len, answers))
+        rows = [torch.tensor(answer + [pad] * (width - len(answer)), dtype=prompt.dtype) for answer in answers]
+        output.sequences = torch.cat([prompt, torch.stack(rows).to(prompt.device)], dim=1)
+        if call.streamer is not None:
+            if not call.streamer.started:
+                call.streamer.put(prompt.cpu())
+                call.streamer.put(output.sequences[:, prompt.shape[1]:].cpu())
+            call.streamer.end()
+        return output
+
+    def _clip(self, call):
+        options = self.options.clip
+        device = options.device or str(call.model.device)
+        cls = _evaluator(options.evaluator, "image_safety", "clip.evaluator")
+        return call.resources.get((cls, options.backend, options.model, options.pretrained, device),
+                                  lambda: cls.load(options.backend, options.model, options.pretrained, device))
+
+    def _reward(self, call):
+        options = self.options.reward_model
+        device = options.device or str(call.model.device)
+        cls = _evaluator(options.evaluator, "reward", "reward_model.evaluator")
+        return call.resources.get(
+            (cls, options.path, options.trust_remote_code, options.max_length, device),
+            lambda: cls.load(options.path, trust_remote_code=options.trust_remote_code,
+                             max_length=options.max_length, device=device))
+
+
+def _evaluator(name: str, kind: str, key: str) -> type:
+    """The registered evaluator class ``name``, checked to score ``kind``."""
+    registered = plugins.registry().evaluators
+    if name not in registered or registered[name].cls.kind != kind:
+        known = sorted(item.name for item in registered.values() if item.cls.kind == kind)
+        raise DefenseError(f"eta: {key} names no registered {kind} evaluator {name!r}; "
+                           f"registered: {', '.join(known) or 'none'}")
+    return registered[name].cls
+
+
+def uses_utility(index: int, ended_with_eos: list[bool]) -> bool:
+    """Whether the i-th sentence's candidates get the CLIP utility term: not the first, and none ended."""
+    return index > 1 and not any(ended_with_eos)
+
+
+def candidate_scores(rewards: torch.Tensor, utilities: torch.Tensor | None, *, index: int,
+                     alpha: float) -> torch.Tensor:
+    """ETA's best-of-N score (docs/defenses/eta.md): ``reward + (α / i) · cos(image, sentence)``, or the
+    reward alone when there is no utility term (see ``uses_utility``)."""
+    if utilities is None:
+        return rewards
+    return rewards + alpha / index * utilities.to(rewards)

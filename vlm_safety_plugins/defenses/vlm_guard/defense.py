@@ -1,0 +1,121 @@
+"""VLM-Guard (arXiv 2502.10486), as docs/defenses/vlm_guard.md describes.
+
+The language backbone, fed text only, teaches what "harmful" looks like: the safety
+subspace ``V_l`` (top-m directions of harmful − harmless anchor differences, calibrated by
+``vlm-safety calibrate vlm-guard``) at each steered layer. Two modes, and both in sequence:
+
+- ``project_out``: ``h ← h − (h·Vᵀ)·V`` at every steered position;
+- ``gated_amplify`` (default): at prefill a gate reads the gate layer's last-prompt state
+  ``p``; when ``p·v1 > τ`` the row gets ``α·(h_l(q_last)·Vᵀ)·V`` added at every steered
+  position of each layer, pushing a harmful request further to the refusal side;
+- ``both``: project out, then amplify (the push is computed from the unedited prompt
+  state, so the projection does not cancel it).
+
+The report of each row says whether the gate fired and the projection ``p·v1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .artifact import SafetySubspace
+from ...core.defense import Defense
+from ...core.errors import ArtifactError
+from ...steering.interventions import SCOPE_DOC, SCOPES, AddPromptProjection, Gate, ProjectOut
+from ...core.options import option
+from ...core.report import MODIFIED
+
+MODES = ("gated_amplify", "project_out", "both")
+
+
+@dataclass(frozen=True)
+class VlmGuardOptions:
+    subspace: str = option(doc="Artifact from `vlm-safety calibrate vlm-guard` (a .safetensors path, relative to "
+                               "the working directory).")
+    mode: Literal[MODES] = option("gated_amplify", doc="`gated_amplify`: push gated (harmful-looking) rows along "
+                                                      "their safety component; `project_out`: remove the safety "
+                                                      "subspace; `both`: project out, then amplify.")
+    rank: int | None = option(None, doc="Directions m of the subspace to use (at most the artifact's rank); "
+                                        "default: all of the artifact's.", min=1)
+    layers: list[int] | None = option(None, doc="Decoder layers to steer; default: the artifact's default band "
+                                                "(the middle layers when calibrated on all layers).", min=0,
+                                      min_items=1)
+    alpha: float = option(1.0, doc="Strength α of `gated_amplify` (the paper suggests 1 to 4); 0 turns it off.",
+                          min=0.0)
+    tau: float | None = option(None, doc="Gate threshold on `p·v1` at the gate layer; default: the artifact's "
+                                         "calibrated τ for that layer.")
+    gate_layer: int | None = option(None, doc="Layer whose last-prompt state decides the gate; default: the lowest "
+                                              "steered layer (so every steered layer is steered from the last "
+                                              "prompt token on).", min=0)
+    scope: Literal[SCOPES] = option("last_prompt_and_generated", doc=SCOPE_DOC)
+    text_only: bool = option(True, doc="Also steer rows without an image; false steers image rows only.")
+
+
+class VlmGuard(Defense):
+    """Removes, or amplifies on gated rows, the hidden states' part in the safety subspace."""
+
+    name = "vlm_guard"
+    Options = VlmGuardOptions
+    description = "VLM-Guard: project out / gated amplify of the text-taught safety subspace (intervention)."
+
+    def __init__(self, options, resources):
+        super().__init__(options, resources)
+        artifact = self.artifact = SafetySubspace.load(options.subspace)
+        self.layers = sorted(set(options.layers)) if options.layers is not None else list(artifact.default_layers)
+        artifact.check_layers(self.layers, what="defenses.vlm_guard.layers")
+        self.rank = artifact.rank if options.rank is None else options.rank
+        if self.rank > artifact.rank:
+            raise ArtifactError(f"defenses.vlm_guard.rank is {self.rank}, but the artifact has rank {artifact.rank}",
+                                source=artifact.path)
+        self.gate_layer = min(self.layers) if options.gate_layer is None else options.gate_layer
+        artifact.check_layers([self.gate_layer], what="defenses.vlm_guard.gate_layer")
+        self.tau = artifact.thresholds[self.gate_layer] if options.tau is None else options.tau
+        self.amplify = options.mode in ("gated_amplify", "both") and options.alpha > 0
+
+    @classmethod
+    def conformance_options(cls, model, processor, workdir):
+        from .anchors import vlm_guard_pairs
+        from .calibration import calibrate_vlm_guard
+
+        path = calibrate_vlm_guard(model, processor, vlm_guard_pairs()[0][:8], rank=2).save(
+            Path(workdir) / "vlm_guard.safetensors")
+        return {"neutral": {"subspace": str(path), "alpha": 0.0},
+                "active": {"subspace": str(path), "mode": "project_out"}}
+
+    def interventions(self, call):
+        options = self.options
+        bases = self.artifact.on_model(call.adapter, self.layers, rows=self.rank)
+        steered = [True] * call.batch_size if options.text_only else call.image_rows
+        for record in self.records(call, ran=steered):
+            record.details.update(mode=options.mode, layers=self.layers, rank=self.rank, alpha=options.alpha)
+            if record.ran and options.mode != "gated_amplify":
+                record.decision = MODIFIED
+            if record.ran and self.amplify:
+                record.details.update(gate_layer=self.gate_layer, tau=self.tau)
+        if not any(steered):
+            return []
+        where = dict(scope=options.scope, rows=None if all(steered) else steered)
+        interventions = []
+        if options.mode in ("project_out", "both"):
+            interventions.append(ProjectOut(bases, **where))
+        if self.amplify:
+            direction = self.artifact.on_model(call.adapter, [self.gate_layer], rows=1)[self.gate_layer][0]
+            gate = Gate(self.gate_layer, lambda state: self._decide(call, steered, direction, state))
+            interventions.append(AddPromptProjection(bases, alpha=options.alpha, gate=gate, **where))
+        return interventions
+
+    def _decide(self, call, steered: list[bool], direction: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """The gate: ``p·v1 > τ`` per input row; records each row's projection and decision."""
+        projection = state.float() @ direction.to(state.device, torch.float32)
+        fired = projection > self.tau
+        for row, on in enumerate(steered):
+            record = call.record(self.name, row)
+            record.scores["projection"] = float(projection[row])
+            record.details["gate_fired"] = on and bool(fired[row])
+            if record.details["gate_fired"]:
+                record.decision = MODIFIED
+        return fired
