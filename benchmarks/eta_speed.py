@@ -48,8 +48,11 @@ BOUNDARY_CHARACTERS = ".?!\n"
 
 def boundary_token_ids(tokenizer) -> list[int]:
     """Every token whose text holds a sentence-ending character, and the special tokens."""
-    ids = [index for index in range(len(tokenizer))
-           if any(char in tokenizer.decode([index]) for char in BOUNDARY_CHARACTERS)]
+    ids = [
+        index
+        for index in range(len(tokenizer))
+        if any(char in tokenizer.decode([index]) for char in BOUNDARY_CHARACTERS)
+    ]
     return sorted(set(ids) | set(tokenizer.all_special_ids))
 
 
@@ -66,8 +69,9 @@ class ReferenceStyleEta:
     def __call__(self, inputs, image):
         self.runs.append({})
         started = time.perf_counter()
-        vanilla = self.model.generate(**inputs, **self.settings, max_new_tokens=self.new_tokens,
-                                      min_new_tokens=self.new_tokens, do_sample=False)
+        vanilla = self.model.generate(
+            **inputs, **self.settings, max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens, do_sample=False
+        )
         prompt_length = inputs["input_ids"].shape[1]
         answer = self.adapter.tokenizer.decode(vanilla[0, prompt_length:], skip_special_tokens=True)
         self._lap("vanilla", started)
@@ -85,8 +89,9 @@ class ReferenceStyleEta:
 
     def _align(self, inputs, image_embedding):
         prefix = self.adapter.response_ids(PREFIX)
-        context = extend_context({name: inputs[name] for name in ("input_ids", *GROWING_INPUTS) if name in inputs},
-                                 prefix)
+        context = extend_context(
+            {name: inputs[name] for name in ("input_ids", *GROWING_INPUTS) if name in inputs}, prefix
+        )
         accepted_cache, accepted, index = None, [], 0
         while len(accepted) < self.new_tokens:
             index += 1
@@ -97,9 +102,10 @@ class ReferenceStyleEta:
                     cache, step_inputs = DynamicCache(config=self.model.config), {**inputs, **context}
                 else:
                     cache, step_inputs = copy.deepcopy(accepted_cache), context
-                out = self.model.generate(**step_inputs, past_key_values=cache, max_new_tokens=length,
-                                          min_new_tokens=length, **self.sampling)
-                candidate = out[0, context["input_ids"].shape[1]:].tolist()
+                out = self.model.generate(
+                    **step_inputs, past_key_values=cache, max_new_tokens=length, min_new_tokens=length, **self.sampling
+                )
+                candidate = out[0, context["input_ids"].shape[1] :].tolist()
                 text = self.adapter.tokenizer.decode(prefix + accepted + candidate, skip_special_tokens=True)
                 rewards.append(float(self.reward.score([BEST_OF_N_INSTRUCTION], [text])[0]))  # one call each
                 candidates.append(candidate)
@@ -107,8 +113,9 @@ class ReferenceStyleEta:
             scores = torch.tensor(rewards)
             if uses_utility(index, [False] * self.n):
                 texts = self.adapter.tokenizer.batch_decode(candidates, skip_special_tokens=True)
-                utilities = torch.cat([self.clip.similarity(self.clip.embed_texts([text]), image_embedding)[:, 0]
-                                       for text in texts])
+                utilities = torch.cat(
+                    [self.clip.similarity(self.clip.embed_texts([text]), image_embedding)[:, 0] for text in texts]
+                )
                 scores = candidate_scores(scores, utilities, index=index, alpha=1.0)
             winner = int(torch.argmax(scores))
             accepted += candidates[winner]
@@ -145,33 +152,52 @@ def main() -> None:
     vsp.attach(model, processor)
 
     def eta(pre_threshold, post_threshold):
-        options = {"pre_threshold": pre_threshold, "post_threshold": post_threshold,
-                   "clip": {"model": "tiny-clip"}, "reward_model": {"path": "tiny-reward-model"},
-                   "best_of_n": {"n": args.n, "top_k": 5, "temperature": 1.5,
-                                 "max_sentence_tokens": args.sentence_tokens},
-                   "max_new_tokens": args.new_tokens}
+        options = {
+            "pre_threshold": pre_threshold,
+            "post_threshold": post_threshold,
+            "clip": {"model": "tiny-clip"},
+            "reward_model": {"path": "tiny-reward-model"},
+            "best_of_n": {"n": args.n, "top_k": 5, "temperature": 1.5, "max_sentence_tokens": args.sentence_tokens},
+            "max_new_tokens": args.new_tokens,
+        }
         return vsp.SafetyConfig.from_dict({"defenses": {"eta": options}}).to_generation_config(
-            model.generation_config, return_dict_in_generate=True, **forced)
+            model.generation_config, return_dict_in_generate=True, **forced
+        )
 
     safe, unsafe = eta(1.0, -1e3), eta(-1.0, 1e3)
     reports = []
-    reference = ReferenceStyleEta(twin, adapter, clip, reward, n=args.n, top_k=5, temperature=1.5,
-                                  sentence_tokens=args.sentence_tokens, new_tokens=args.new_tokens, settings=settings)
+    reference = ReferenceStyleEta(
+        twin,
+        adapter,
+        clip,
+        reward,
+        n=args.n,
+        top_k=5,
+        temperature=1.5,
+        sentence_tokens=args.sentence_tokens,
+        new_tokens=args.new_tokens,
+        settings=settings,
+    )
     cases = {
         "vanilla": lambda: twin.generate(**inputs, **forced, do_sample=False),
         "eta, safe path": lambda: model.generate(**inputs, images=[image], generation_config=safe),
         "eta, full alignment": lambda: reports.append(
-            model.generate(**inputs, images=[image], generation_config=unsafe).safety[0].defenses["eta"]),
+            model.generate(**inputs, images=[image], generation_config=unsafe).safety[0].defenses["eta"]
+        ),
         "reference-style": lambda: reference(inputs, image),
     }
     timings = interleaved_medians(cases, args.repeats, args.device)
 
     details = reports[-1].details
     assert details["aligned"] and details["sentences"] == -(-args.new_tokens // args.sentence_tokens), details
-    stages = {stage: statistics.median(report.details["time_s"][stage] for report in reports[1:])
-              for stage in ("clip", "vanilla", "reward", "align", "decode", "score")}
-    reference_stages = {stage: statistics.median(run[stage] for run in reference.runs[1:])
-                        for stage in ("clip", "vanilla", "reward", "align")}
+    stages = {
+        stage: statistics.median(report.details["time_s"][stage] for report in reports[1:])
+        for stage in ("clip", "vanilla", "reward", "align", "decode", "score")
+    }
+    reference_stages = {
+        stage: statistics.median(run[stage] for run in reference.runs[1:])
+        for stage in ("clip", "vanilla", "reward", "align")
+    }
 
     device = device_name(args.device)
     sentences = details["sentences"]

@@ -62,8 +62,7 @@ def main() -> None:
     parser.add_argument("--anchors", type=int, default=8, help="anchors (and pairs) used to calibrate")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared machine)")
-    parser.add_argument("--out", type=Path,
-                        default=Path(__file__).parent / "results" / "representation_overhead.md")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "representation_overhead.md")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,10 +72,12 @@ def main() -> None:
     images = [testing.tiny_image((40 + 60 * row, 90, 200), size=336) for row in range(args.batch)]
     inputs = adapter.build_inputs([("What is in the picture?", image) for image in images]).to(args.device)
     folder = Path(tempfile.mkdtemp())
-    cmrm = vsp.calibrate_cmrm(model, processor, cmrm_anchors()[0][:args.anchors],
-                              batch_size=args.anchors).save(folder / "cmrm.safetensors")
-    guard = vsp.calibrate_vlm_guard(model, processor, vlm_guard_pairs()[0][:args.anchors],
-                                    batch_size=args.anchors).save(folder / "vlm_guard.safetensors")
+    cmrm = vsp.calibrate_cmrm(model, processor, cmrm_anchors()[0][: args.anchors], batch_size=args.anchors).save(
+        folder / "cmrm.safetensors"
+    )
+    guard = vsp.calibrate_vlm_guard(
+        model, processor, vlm_guard_pairs()[0][: args.anchors], batch_size=args.anchors
+    ).save(folder / "vlm_guard.safetensors")
     band = vsp.SafetySubspace.load(guard).default_layers
     vsp.attach(model, processor)
 
@@ -91,9 +92,11 @@ def main() -> None:
     runs = {"vanilla": lambda stamps: twin.generate(**inputs, **settings, logits_processor=[stamps])}
     for name, options in defenses.items():
         config = vsp.SafetyConfig.from_dict({"defenses": options, "on_error": "raise"}).to_generation_config(
-            model.generation_config, **settings)
-        runs[name] = lambda stamps, config=config: model.generate(**inputs, images=images, generation_config=config,
-                                                                  logits_processor=[stamps])
+            model.generation_config, **settings
+        )
+        runs[name] = lambda stamps, config=config: model.generate(
+            **inputs, images=images, generation_config=config, logits_processor=[stamps]
+        )
     splits = {name: [] for name in runs}  # (prefill s, decode s per token) per round
 
     def timed(name):
@@ -120,16 +123,24 @@ def main() -> None:
         "|---|---:|---:|---:|---:|",
     ]
     for name in names:
-        lines.append(f"| {name} | {prefill[name] * 1e3:.1f} | {prefill[name] / prefill['vanilla']:.2f}x | "
-                     f"{decode[name] * 1e3:.2f} | {decode[name] / decode['vanilla']:.3f}x |")
+        lines.append(
+            f"| {name} | {prefill[name] * 1e3:.1f} | {prefill[name] / prefill['vanilla']:.2f}x | "
+            f"{decode[name] * 1e3:.2f} | {decode[name] / decode['vanilla']:.3f}x |"
+        )
     steps = sorted(step for _, step in splits["vanilla"][1:])
-    lines += ["", f"Noise: vanilla decode ranged {steps[0] * 1e3:.2f} to {steps[-1] * 1e3:.2f} ms / token over the "
-                  f"rounds ({(steps[-1] - steps[0]) / decode['vanilla'] * 100:.0f}% of its median); ratios within "
-                  "that band are no measurable overhead."]
+    lines += [
+        "",
+        f"Noise: vanilla decode ranged {steps[0] * 1e3:.2f} to {steps[-1] * 1e3:.2f} ms / token over the "
+        f"rounds ({(steps[-1] - steps[0]) / decode['vanilla'] * 100:.0f}% of its median); ratios within "
+        "that band are no measurable overhead.",
+    ]
     extra = prefill["cmrm, sample"] - prefill["cmrm, dataset"]
-    lines += ["", f"Sample-level CMRM's two extra prefill passes (corrupted image, then text only, each "
-                  f"batched over the rows): **{extra * 1e3:.0f} ms** per call of {args.batch} requests, "
-                  f"{extra / prefill['vanilla']:.2f}x a vanilla prefill."]
+    lines += [
+        "",
+        f"Sample-level CMRM's two extra prefill passes (corrupted image, then text only, each "
+        f"batched over the rows): **{extra * 1e3:.0f} ms** per call of {args.batch} requests, "
+        f"{extra / prefill['vanilla']:.2f}x a vanilla prefill.",
+    ]
     write_report(lines, args.out)
 
 

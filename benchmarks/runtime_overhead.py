@@ -67,13 +67,19 @@ def main() -> None:
     vsp.attach(model, processor)
 
     def flagged(defenses):
-        return vsp.SafetyConfig.from_dict({"defenses": defenses}).to_generation_config(model.generation_config,
-                                                                                      **settings)
+        return vsp.SafetyConfig.from_dict({"defenses": defenses}).to_generation_config(
+            model.generation_config, **settings
+        )
 
-    configs = {"attached, no defense": flagged({}), "adashield": flagged({"adashield": {}}),
-               "steer all layers": flagged({"benchmark_steer_all_layers": {}})}
-    cases = {"vanilla": lambda: twin.generate(**inputs, **settings),
-             "attached, no flags": lambda: model.generate(**inputs, **settings)}
+    configs = {
+        "attached, no defense": flagged({}),
+        "adashield": flagged({"adashield": {}}),
+        "steer all layers": flagged({"benchmark_steer_all_layers": {}}),
+    }
+    cases = {
+        "vanilla": lambda: twin.generate(**inputs, **settings),
+        "attached, no flags": lambda: model.generate(**inputs, **settings),
+    }
     for name, config in configs.items():
         cases[name] = lambda config=config: model.generate(**inputs, generation_config=config)
     timings = interleaved_medians(cases, args.repeats, args.device)
@@ -89,8 +95,10 @@ def main() -> None:
         "|---|---:|---:|---:|",
     ]
     for name, seconds in timings.items():
-        lines.append(f"| {name} | {seconds * 1e3:.1f} | {seconds * 1e3 / args.new_tokens:.2f} | "
-                     f"{seconds / timings['vanilla']:.3f}x |")
+        lines.append(
+            f"| {name} | {seconds * 1e3:.1f} | {seconds * 1e3 / args.new_tokens:.2f} | "
+            f"{seconds / timings['vanilla']:.3f}x |"
+        )
     write_report(lines, args.out)
 
 

@@ -81,7 +81,7 @@ def batch(model, processor, requests):
 
 
 def new_tokens(sequences, inputs):
-    return sequences[:, inputs["input_ids"].shape[1]:]
+    return sequences[:, inputs["input_ids"].shape[1] :]
 
 
 def generation(model, config, **kwargs):
@@ -92,9 +92,12 @@ def generation(model, config, **kwargs):
 def capture(layers):
     """Every output of every layer, in call order; hooks registered after the attachment's see edited states."""
     outputs = {index: [] for index in range(len(layers))}
-    handles = [layer.register_forward_hook(
-        lambda m, a, out, i=i: outputs[i].append((out[0] if isinstance(out, tuple) else out).detach().clone()))
-        for i, layer in enumerate(layers)]
+    handles = [
+        layer.register_forward_hook(
+            lambda m, a, out, i=i: outputs[i].append((out[0] if isinstance(out, tuple) else out).detach().clone())
+        )
+        for i, layer in enumerate(layers)
+    ]
     try:
         yield outputs
     finally:
@@ -134,8 +137,8 @@ def calibrated(tmp_path_factory):
     """``calibrated(family)`` -> (CMRM artifact path, VLM-Guard artifact path) of ``tiny_vlm(family)``,
     made once per session from a few of the shipped anchors."""
     from vlm_safety_plugins.defenses.cmrm.anchors import cmrm_anchors
-    from vlm_safety_plugins.defenses.vlm_guard.anchors import vlm_guard_pairs
     from vlm_safety_plugins.defenses.cmrm.calibration import calibrate_cmrm
+    from vlm_safety_plugins.defenses.vlm_guard.anchors import vlm_guard_pairs
     from vlm_safety_plugins.defenses.vlm_guard.calibration import calibrate_vlm_guard
 
     folder, made = tmp_path_factory.mktemp("artifacts"), {}
@@ -147,7 +150,8 @@ def calibrated(tmp_path_factory):
             model, processor = tiny_vlm(family)
             cmrm = calibrate_cmrm(model, processor, anchors, batch_size=24).save(folder / f"{family}.cmrm.safetensors")
             guard = calibrate_vlm_guard(model, processor, pairs[:24], batch_size=24).save(
-                folder / f"{family}.vlm_guard.safetensors")
+                folder / f"{family}.vlm_guard.safetensors"
+            )
             made[family] = cmrm, guard
         return made[family]
 

@@ -17,8 +17,9 @@ EXPECTED = {"llava": LlavaAdapter, "qwen2_vl": Qwen2VLAdapter, "gemma3": Gemma3A
 
 def lora(model):
     torch.manual_seed(0)  # LoRA weights are random (init_lora_weights=False): same adapter in any test order
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                            init_lora_weights=False))
+    return get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
 
 
 def test_family_adapter_and_decoder_layers(vlm, family):
@@ -68,20 +69,26 @@ def test_noise_is_seeded(vlm, red_image):
 def test_turn_positions_and_image_runs(vlm, red_image):
     model, processor = vlm
     adapter = find_adapter(model, processor)
-    inputs = adapter.build_inputs([("What is in the picture?", red_image), ("A much longer text-only question, with many more words than the first one has, here?", None)])
+    inputs = adapter.build_inputs(
+        [
+            ("What is in the picture?", red_image),
+            ("A much longer text-only question, with many more words than the first one has, here?", None),
+        ]
+    )
     ids = inputs["input_ids"]
     assert adapter.assistant_start(ids).tolist() == [ids.shape[1]] * 2
     ends = adapter.user_turn_end(ids)
     for row, question in enumerate(("picture?", "here?")):
-        before = processor.tokenizer.decode(ids[row, :ends[row]])
+        before = processor.tokenizer.decode(ids[row, : ends[row]])
         assert before.rstrip().endswith(question)
-        assert ids[row, ends[row]:].tolist() == list(adapter.turn_suffix_ids)
+        assert ids[row, ends[row] :].tolist() == list(adapter.turn_suffix_ids)
     assert adapter.image_runs(ids).tolist() == [1, 0]
     assert sorted(inputs["attention_mask"][:, 0].tolist()) == [0, 1]  # the shorter row is padded on the left
 
 
-@pytest.mark.parametrize("method, text", [("continuation_ids", " As an AI assistant"),
-                                          ("response_ids", "As an AI assistant")])
+@pytest.mark.parametrize(
+    "method, text", [("continuation_ids", " As an AI assistant"), ("response_ids", "As an AI assistant")]
+)
 def test_in_context_ids_have_no_bos_and_decode_back(vlm, method, text):
     model, processor = vlm
     ids = getattr(find_adapter(model, processor), method)(text)
@@ -93,8 +100,10 @@ def test_response_ids_are_what_the_template_puts_after_the_assistant_opener(vlm)
     model, processor = vlm
     adapter = find_adapter(model, processor)
     rendered = processor.apply_chat_template(
-        adapter.messages("Hi.", with_image=False) + [{"role": "assistant", "content": [
-            {"type": "text", "text": "As an AI assistant"}]}], tokenize=False)
+        adapter.messages("Hi.", with_image=False)
+        + [{"role": "assistant", "content": [{"type": "text", "text": "As an AI assistant"}]}],
+        tokenize=False,
+    )
     assert processor.tokenizer.decode(adapter.response_ids("As an AI assistant")) in rendered
 
 
@@ -102,8 +111,10 @@ def test_user_text_recovers_each_rows_question(vlm, red_image):
     model, processor = vlm
     adapter = find_adapter(model, processor)
     inputs = adapter.build_inputs([("What is in the picture?", red_image), ("Describe a cat, please.", None)])
-    assert [adapter.user_text(row) for row in inputs["input_ids"]] == ["What is in the picture?",
-                                                                       "Describe a cat, please."]
+    assert [adapter.user_text(row) for row in inputs["input_ids"]] == [
+        "What is in the picture?",
+        "Describe a cat, please.",
+    ]
 
 
 @pytest.mark.parametrize("family", ["llava", "gemma3"])
@@ -134,9 +145,11 @@ def test_defended_generate_through_peft(vlm, red_image):
     vanilla = wrapped.generate(**inputs, max_new_tokens=4, do_sample=False)
     vsp.attach(wrapped, processor)
     assert_same_tokens(wrapped.generate(**inputs, max_new_tokens=4, do_sample=False), vanilla)
-    out = wrapped.generate(**inputs, generation_config=generation(model, {"defenses": {"adashield": {}}},
-                                                                  max_new_tokens=4, do_sample=False),
-                           return_dict_in_generate=True)
+    out = wrapped.generate(
+        **inputs,
+        generation_config=generation(model, {"defenses": {"adashield": {}}}, max_new_tokens=4, do_sample=False),
+        return_dict_in_generate=True,
+    )
     assert [report.defenses["adashield"].ran for report in out.safety] == [True, True]
     vsp.detach(wrapped)
     assert "generate" not in vars(wrapped)

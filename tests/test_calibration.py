@@ -8,15 +8,15 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import vlm_safety_plugins as vsp
+from vlm_safety_plugins.cli import cli
 from vlm_safety_plugins.core.adapters import find_adapter
 from vlm_safety_plugins.defenses.cmrm.anchors import cmrm_anchors
-from vlm_safety_plugins.defenses.vlm_guard.anchors import vlm_guard_pairs
 from vlm_safety_plugins.defenses.cmrm.artifact import CmrmVectors
-from vlm_safety_plugins.steering.artifacts import ModelIdentity
-from vlm_safety_plugins.defenses.vlm_guard.artifact import SafetySubspace
 from vlm_safety_plugins.defenses.cmrm.calibration import calibrate_cmrm
+from vlm_safety_plugins.defenses.vlm_guard.anchors import vlm_guard_pairs
+from vlm_safety_plugins.defenses.vlm_guard.artifact import SafetySubspace
 from vlm_safety_plugins.defenses.vlm_guard.calibration import calibrate_vlm_guard, middle_layers
-from vlm_safety_plugins.cli import cli
+from vlm_safety_plugins.steering.artifacts import ModelIdentity
 from vlm_safety_plugins.steering.readout import last_prompt_states
 from vlm_safety_plugins.testing import tiny_image, tiny_vlm
 
@@ -120,28 +120,46 @@ def test_artifact_metadata_names_how_it_was_made(tmp_path):
 
 def write_bad(tmp_path, name, tensors=None, **metadata):
     path = tmp_path / name
-    base = {"format": "vlm-safety-plugins", "format_version": "1", "kind": "cmrm", "model_name": "m",
-            "model_type": "llava", "config_hash": "x", "hidden_size": "4", "num_layers": "2", "layers": "[0]",
-            "anchors": "1", "anchor_source": "s", "corruption": "blank", "alpha": "1.0",
-            "orientation_check": "{}"}
-    save_file(tensors if tensors is not None else {"vector.0": torch.ones(4)}, str(path),
-              metadata={key: value for key, value in {**base, **metadata}.items() if value is not None})
+    base = {
+        "format": "vlm-safety-plugins",
+        "format_version": "1",
+        "kind": "cmrm",
+        "model_name": "m",
+        "model_type": "llava",
+        "config_hash": "x",
+        "hidden_size": "4",
+        "num_layers": "2",
+        "layers": "[0]",
+        "anchors": "1",
+        "anchor_source": "s",
+        "corruption": "blank",
+        "alpha": "1.0",
+        "orientation_check": "{}",
+    }
+    save_file(
+        tensors if tensors is not None else {"vector.0": torch.ones(4)},
+        str(path),
+        metadata={key: value for key, value in {**base, **metadata}.items() if value is not None},
+    )
     return path
 
 
-@pytest.mark.parametrize("case, fragment", [
-    ("missing", "cmrm artifact file not found; make one with `vlm-safety calibrate cmrm"),
-    ("truncated", "not a readable safetensors file (corrupted or truncated?)"),
-    ("text", "not a readable safetensors file"),
-    ("foreign", "not a vlm-safety-plugins artifact"),
-    ("wrong-kind", "this is a 'vlm_guard' artifact, expected a 'cmrm' one"),
-    ("newer", "format version 9 is newer"),
-    ("missing-key", "metadata key 'hidden_size' is missing"),
-    ("bad-number", "metadata 'num_layers' must be an integer, got 'two'"),
-    ("missing-tensor", "tensor 'vector.0' is missing"),
-    ("bad-shape", "tensor 'vector.0' has shape (3,), expected (4,)"),
-    ("not-finite", "tensor 'vector.0' is not finite floating point"),
-])
+@pytest.mark.parametrize(
+    "case, fragment",
+    [
+        ("missing", "cmrm artifact file not found; make one with `vlm-safety calibrate cmrm"),
+        ("truncated", "not a readable safetensors file (corrupted or truncated?)"),
+        ("text", "not a readable safetensors file"),
+        ("foreign", "not a vlm-safety-plugins artifact"),
+        ("wrong-kind", "this is a 'vlm_guard' artifact, expected a 'cmrm' one"),
+        ("newer", "format version 9 is newer"),
+        ("missing-key", "metadata key 'hidden_size' is missing"),
+        ("bad-number", "metadata 'num_layers' must be an integer, got 'two'"),
+        ("missing-tensor", "tensor 'vector.0' is missing"),
+        ("bad-shape", "tensor 'vector.0' has shape (3,), expected (4,)"),
+        ("not-finite", "tensor 'vector.0' is not finite floating point"),
+    ],
+)
 def test_bad_artifact_files_are_clear_errors(tmp_path, case, fragment):
     path = {
         "missing": lambda: tmp_path / "none.safetensors",
@@ -154,7 +172,9 @@ def test_bad_artifact_files_are_clear_errors(tmp_path, case, fragment):
         "bad-number": lambda: write_bad(tmp_path, "b.safetensors", num_layers="two"),
         "missing-tensor": lambda: write_bad(tmp_path, "v.safetensors", tensors={"other": torch.ones(4)}),
         "bad-shape": lambda: write_bad(tmp_path, "s.safetensors", tensors={"vector.0": torch.ones(3)}),
-        "not-finite": lambda: write_bad(tmp_path, "i.safetensors", tensors={"vector.0": torch.full((4,), float("nan"))}),
+        "not-finite": lambda: write_bad(
+            tmp_path, "i.safetensors", tensors={"vector.0": torch.full((4,), float("nan"))}
+        ),
     }[case]()
     with pytest.raises(vsp.ArtifactError) as caught:
         CmrmVectors.load(path)
@@ -185,13 +205,17 @@ def test_an_artifact_for_another_hidden_size_names_the_mismatch(tmp_path):
     adapter = find_adapter(model, processor)
     other = ModelIdentity(name="big-llava", model_type="llava", config_hash="0" * 16, hidden_size=32, num_layers=8)
     path = CmrmVectors(model=other, anchors=1, anchor_source="s", vectors={0: torch.ones(32)}).save(
-        tmp_path / "big.safetensors")
+        tmp_path / "big.safetensors"
+    )
     with pytest.raises(vsp.ArtifactError) as caught:
         CmrmVectors.load(path).check_model(adapter)
     message = str(caught.value)
     assert message.startswith(str(path)) and "made for another model (big-llava, llava)" in message
-    for fragment in ("hidden size 64 here, 32 in the artifact", "decoder layers 4 here, 8 in the artifact",
-                     "config hash"):
+    for fragment in (
+        "hidden size 64 here, 32 in the artifact",
+        "decoder layers 4 here, 8 in the artifact",
+        "config hash",
+    ):
         assert fragment in message
 
 
@@ -206,13 +230,16 @@ def test_config_hash_ignores_how_the_model_was_saved(tmp_path):
     assert config_hash(reloaded.config) == config_hash(model.config) != config_hash(tiny_vlm("gemma3")[0].config)
 
 
-@pytest.mark.parametrize("lines, fragment", [
-    (['{"text": "ok"}', "{oops"], "anchors.jsonl:2: invalid JSON"),
-    (['{"text": ""}'], "anchors.jsonl:1: expected a non-empty string under 'text'"),
-    (['{"text": "ok", "label": "evil"}'], "anchors.jsonl:1: `label` must be one of harmful, benign"),
-    (["[1, 2]"], "anchors.jsonl:1: expected a JSON object, got list"),
-    (["", "  "], "anchors.jsonl: the anchor file has no records"),
-])
+@pytest.mark.parametrize(
+    "lines, fragment",
+    [
+        (['{"text": "ok"}', "{oops"], "anchors.jsonl:2: invalid JSON"),
+        (['{"text": ""}'], "anchors.jsonl:1: expected a non-empty string under 'text'"),
+        (['{"text": "ok", "label": "evil"}'], "anchors.jsonl:1: `label` must be one of harmful, benign"),
+        (["[1, 2]"], "anchors.jsonl:1: expected a JSON object, got list"),
+        (["", "  "], "anchors.jsonl: the anchor file has no records"),
+    ],
+)
 def test_bad_anchor_files_name_file_and_line(tmp_path, lines, fragment):
     path = tmp_path / "anchors.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -227,8 +254,11 @@ def test_shipped_anchor_sets():
     assert len(pairs) == 100 and all(bad.startswith("How to") and good.startswith("How to") for bad, good in pairs)
     with pytest.raises(vsp.ConfigError, match="anchor file not found"):
         vlm_guard_pairs("/nonexistent/pairs.jsonl")
-    with pytest.raises(vsp.ConfigError, match="builtin:nope.jsonl: no shipped anchor set of that name; shipped: "
-                                              "builtin:cmrm_anchors.jsonl, builtin:testbed_cmrm_anchors.jsonl"):
+    with pytest.raises(
+        vsp.ConfigError,
+        match="builtin:nope.jsonl: no shipped anchor set of that name; shipped: "
+        "builtin:cmrm_anchors.jsonl, builtin:testbed_cmrm_anchors.jsonl",
+    ):
         cmrm_anchors("builtin:nope.jsonl")
 
 
@@ -241,8 +271,9 @@ def test_testbed_anchor_sets_are_the_worlds_training_requests():
     # regenerate after changing the world: see world.calibration_anchors
     assert texts == [record["text"] for record in expected_anchors] and source == "builtin:testbed_cmrm_anchors.jsonl"
     assert pairs == [(record["harmful"], record["harmless"]) for record in expected_pairs]
-    test_requests = {sample.text for sample in world.samples(2000, "test", seed=0) if sample.kind in ("harmful",
-                                                                                                       "benign")}
+    test_requests = {
+        sample.text for sample in world.samples(2000, "test", seed=0) if sample.kind in ("harmful", "benign")
+    }
     assert len(test_requests) >= 50 and not test_requests & set(texts)  # no held-out request calibrates
 
 
@@ -252,36 +283,98 @@ def test_cli_calibrates_artifacts_that_a_yaml_config_then_loads(tmp_path):
     pairs.write_text("".join(json.dumps({"harmful": bad, "harmless": good}) + "\n" for bad, good in PAIRS))
     runner = CliRunner()
     cmrm_out, guard_out = tmp_path / "out" / "tiny.cmrm.safetensors", tmp_path / "out" / "tiny.vlm_guard.safetensors"
-    result = runner.invoke(cli, ["calibrate", "cmrm", "--model", "tiny-llava", "--anchors", str(anchors),
-                                 "--out", str(cmrm_out), "--layers", "1-2", "--corrupt", "noise", "--batch-size", "2"])
+    result = runner.invoke(
+        cli,
+        [
+            "calibrate",
+            "cmrm",
+            "--model",
+            "tiny-llava",
+            "--anchors",
+            str(anchors),
+            "--out",
+            str(cmrm_out),
+            "--layers",
+            "1-2",
+            "--corrupt",
+            "noise",
+            "--batch-size",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert f"wrote {cmrm_out}: cmrm for tiny-llava" in result.output and "layers [1, 2], 3 anchors" in result.output
-    result = runner.invoke(cli, ["calibrate", "vlm-guard", "--model", "tiny-llava", "--anchors", str(pairs),
-                                 "--out", str(guard_out), "--rank", "2"])
+    result = runner.invoke(
+        cli,
+        [
+            "calibrate",
+            "vlm-guard",
+            "--model",
+            "tiny-llava",
+            "--anchors",
+            str(pairs),
+            "--out",
+            str(guard_out),
+            "--rank",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "rank 2; default layers [1, 2]" in result.output
     config = tmp_path / "config.yaml"
-    config.write_text(f"defenses:\n  cmrm:\n    vectors: {cmrm_out}\n  vlm_guard:\n    subspace: {guard_out}\n"
-                      "    tau: -1000000000.0\non_error: raise\n")
+    config.write_text(
+        f"defenses:\n  cmrm:\n    vectors: {cmrm_out}\n  vlm_guard:\n    subspace: {guard_out}\n"
+        "    tau: -1000000000.0\non_error: raise\n"
+    )
     image = tmp_path / "red.png"
     tiny_image().save(image)
-    result = runner.invoke(cli, ["generate", "--config", str(config), "--image", str(image), "--prompt",
-                                 "How to steal a car?", "--max-new-tokens", "4", "--json"])
+    result = runner.invoke(
+        cli,
+        [
+            "generate",
+            "--config",
+            str(config),
+            "--image",
+            str(image),
+            "--prompt",
+            "How to steal a car?",
+            "--max-new-tokens",
+            "4",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)["safety"]["defenses"]
     assert report["cmrm"]["ran"] and report["cmrm"]["details"]["layers"] == [1, 2]
     assert report["vlm_guard"]["details"]["gate_fired"] and report["vlm_guard"]["details"]["rank"] == 2
     # the artifact is bound to its model: tiny-qwen2-vl refuses it before generating
-    result = runner.invoke(cli, ["generate", "--model", "tiny-qwen2-vl", "--config", str(config), "--image",
-                                 str(image), "--prompt", "Hi", "--max-new-tokens", "2"])
+    result = runner.invoke(
+        cli,
+        [
+            "generate",
+            "--model",
+            "tiny-qwen2-vl",
+            "--config",
+            str(config),
+            "--image",
+            str(image),
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "2",
+        ],
+    )
     assert result.exit_code == 1 and f"Error: {cmrm_out}: made for another model" in result.output
 
 
-@pytest.mark.parametrize("arguments, fragment", [
-    (["--layers", "one"], "Invalid value for '--layers'"),
-    (["--anchors", "/nonexistent.jsonl"], "'--anchors'"),
-    (["--model", "tiny-nothing"], "unknown offline model 'tiny-nothing'"),
-])
+@pytest.mark.parametrize(
+    "arguments, fragment",
+    [
+        (["--layers", "one"], "Invalid value for '--layers'"),
+        (["--anchors", "/nonexistent.jsonl"], "'--anchors'"),
+        (["--model", "tiny-nothing"], "unknown offline model 'tiny-nothing'"),
+    ],
+)
 def test_cli_calibrate_rejects_bad_input(arguments, fragment):
     result = CliRunner().invoke(cli, ["calibrate", "cmrm", *arguments])
     assert result.exit_code == 2 and fragment in result.output and "Traceback" not in result.output

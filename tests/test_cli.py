@@ -10,8 +10,8 @@ import huggingface_hub.constants
 import pytest
 from click.testing import CliRunner
 
-from vlm_safety_plugins.core.adapters import find_adapter
 from vlm_safety_plugins.cli import cli
+from vlm_safety_plugins.core.adapters import find_adapter
 from vlm_safety_plugins.testing import tiny_image, tiny_vlm
 
 from .test_entrypoints import require_example_plugin
@@ -51,7 +51,10 @@ def test_plugins_json_describes_each_registered_class():
     assert result.exit_code == 0, result.output
     rows = {(row["kind"], row["name"]): row for row in json.loads(result.output)}
     assert rows["defense", "adashield"] == {
-        "kind": "defense", "name": "adashield", "work": ["transform_inputs"], "distribution": "vlm-safety-plugins",
+        "kind": "defense",
+        "name": "adashield",
+        "work": ["transform_inputs"],
+        "distribution": "vlm-safety-plugins",
         "version": "0.1.0",
         "description": "AdaShield-S static defense prompt appended to the user turn (input transform).",
     }
@@ -66,14 +69,24 @@ def test_generate_without_config_is_the_vanilla_answer():
     data = json.loads(result.output)
     model, processor = tiny_vlm("llava")
     inputs = find_adapter(model, processor).build_inputs([(PROMPT, None)])
-    tokens = model.generate(**inputs, max_new_tokens=8)[0, inputs["input_ids"].shape[1]:]
+    tokens = model.generate(**inputs, max_new_tokens=8)[0, inputs["input_ids"].shape[1] :]
     assert data["answer"] == processor.tokenizer.decode(tokens, skip_special_tokens=True)
     assert data["safety"] is None and data["image"] is None and data["model"] == "tiny-llava"
 
 
 def test_generate_with_adashield_reports_what_ran(image_path):
-    result = run("generate", "--config", ADASHIELD_CONFIG, "--image", image_path, "--prompt", PROMPT,
-                 "--max-new-tokens", 8, "--json")
+    result = run(
+        "generate",
+        "--config",
+        ADASHIELD_CONFIG,
+        "--image",
+        image_path,
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        8,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["image"] == str(image_path) and data["time_s"] > 0 and isinstance(data["answer"], str)
@@ -83,8 +96,19 @@ def test_generate_with_adashield_reports_what_ran(image_path):
 
 
 def test_generate_prints_the_answer_then_a_summary(image_path):
-    args = ("generate", "--config", ADASHIELD_CONFIG, "--image", image_path, "--prompt", PROMPT,
-            "--max-new-tokens", 8, "--model", "tiny-qwen2-vl")
+    args = (
+        "generate",
+        "--config",
+        ADASHIELD_CONFIG,
+        "--image",
+        image_path,
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        8,
+        "--model",
+        "tiny-qwen2-vl",
+    )
     answer = json.loads(run(*args, "--json").output)["answer"]
     for extra in ((), ("--stream",)):
         result = run(*args, *extra)
@@ -102,20 +126,41 @@ def _write(tmp_path, name, text):
 
 BAD_INPUTS = {  # id -> (exit code, tmp_path -> (arguments, fragments of the error message))
     "missing-config": (2, lambda tmp: (["--config", tmp / "missing.yaml"], ["'--config'", str(tmp / "missing.yaml")])),
-    "invalid-option": (1, lambda tmp: (["--config", _write(tmp, "bad.yaml", "defenses:\n  adashield: {bogus: 1}\n")],
-                                       [f"{tmp / 'bad.yaml'}: defenses.adashield.bogus: unknown key 'bogus'"])),
-    "unknown-defense": (1, lambda tmp: (["--config", _write(tmp, "bad.yaml", "defenses:\n  nope: {}\n")],
-                                        [f"{tmp / 'bad.yaml'}: defenses.nope: unknown defense 'nope'", "adashield"])),
-    "invalid-yaml": (1, lambda tmp: (["--config", _write(tmp, "bad.yaml", "defenses: [\n")],
-                                     [str(tmp / "bad.yaml"), "invalid YAML"])),
+    "invalid-option": (
+        1,
+        lambda tmp: (
+            ["--config", _write(tmp, "bad.yaml", "defenses:\n  adashield: {bogus: 1}\n")],
+            [f"{tmp / 'bad.yaml'}: defenses.adashield.bogus: unknown key 'bogus'"],
+        ),
+    ),
+    "unknown-defense": (
+        1,
+        lambda tmp: (
+            ["--config", _write(tmp, "bad.yaml", "defenses:\n  nope: {}\n")],
+            [f"{tmp / 'bad.yaml'}: defenses.nope: unknown defense 'nope'", "adashield"],
+        ),
+    ),
+    "invalid-yaml": (
+        1,
+        lambda tmp: (["--config", _write(tmp, "bad.yaml", "defenses: [\n")], [str(tmp / "bad.yaml"), "invalid YAML"]),
+    ),
     "missing-image": (2, lambda tmp: (["--image", tmp / "missing.png"], ["'--image'", str(tmp / "missing.png")])),
-    "not-an-image": (2, lambda tmp: (["--image", _write(tmp, "text.png", "hello")],
-                                     ["'--image'", f"cannot read image '{tmp / 'text.png'}'"])),
-    "unknown-tiny-model": (2, lambda tmp: (["--model", "tiny-foo"],
-                                           ["'tiny-foo'", "tiny-llava", "tiny-qwen2-vl", "tiny-gemma3"])),
+    "not-an-image": (
+        2,
+        lambda tmp: (
+            ["--image", _write(tmp, "text.png", "hello")],
+            ["'--image'", f"cannot read image '{tmp / 'text.png'}'"],
+        ),
+    ),
+    "unknown-tiny-model": (
+        2,
+        lambda tmp: (["--model", "tiny-foo"], ["'tiny-foo'", "tiny-llava", "tiny-qwen2-vl", "tiny-gemma3"]),
+    ),
     "not-a-model-directory": (1, lambda tmp: (["--model", tmp], [f"cannot load model '{tmp}'"])),
-    "hub-id-offline": (1, lambda tmp: (["--model", "example-org/no-such-vlm"],
-                                       ["cannot load model 'example-org/no-such-vlm'"])),
+    "hub-id-offline": (
+        1,
+        lambda tmp: (["--model", "example-org/no-such-vlm"], ["cannot load model 'example-org/no-such-vlm'"]),
+    ),
     "stream-and-json": (2, lambda tmp: (["--stream", "--json"], ["--stream and --json"])),
 }
 
@@ -137,8 +182,23 @@ def test_generate_rejects_bad_input_with_a_readable_error(case, tmp_path, monkey
 def test_installed_console_script_runs_a_defended_generation(image_path):
     script = Path(sys.executable).parent / "vlm-safety"
     assert script.exists(), f"{script} missing: install the package (pip install -e .)"
-    completed = subprocess.run([script, "generate", "--config", ADASHIELD_CONFIG, "--image", image_path,
-                                "--prompt", PROMPT, "--max-new-tokens", "4", "--json"],
-                               capture_output=True, text=True, timeout=300)
+    completed = subprocess.run(
+        [
+            script,
+            "generate",
+            "--config",
+            ADASHIELD_CONFIG,
+            "--image",
+            image_path,
+            "--prompt",
+            PROMPT,
+            "--max-new-tokens",
+            "4",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout)["safety"]["defenses"]["adashield"]["ran"]

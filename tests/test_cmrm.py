@@ -20,12 +20,18 @@ QUESTION = "Describe the colours in this picture."
 def last_prompt_states(model, inputs, config=None, images=None):
     """Per layer, the last prompt token's state in the prefill of a (defended) one-token generate."""
     layers = vsp.get_attachment(model).adapter.decoder_layers()
-    extra = {} if config is None else {"generation_config": generation(model, {**config, "on_error": "raise"},
-                                                                       max_new_tokens=1, do_sample=False),
-                                       "images": images}
+    extra = (
+        {}
+        if config is None
+        else {
+            "generation_config": generation(model, {**config, "on_error": "raise"}, max_new_tokens=1, do_sample=False),
+            "images": images,
+        }
+    )
     with capture(layers) as outputs:
-        model.generate(**inputs, max_new_tokens=1, do_sample=False, **extra) if config is None else \
-            model.generate(**inputs, **extra)
+        model.generate(**inputs, max_new_tokens=1, do_sample=False, **extra) if config is None else model.generate(
+            **inputs, **extra
+        )
     return {layer: states[-1][:, -1] for layer, states in outputs.items()}  # the last pass is the prefill
 
 
@@ -94,13 +100,21 @@ def test_alpha_zero_and_text_only_rows_are_exactly_vanilla(vlm, red_image, calib
     vsp.attach(model, processor)
     vectors = str(calibrated(family)[0])
     for options in ({"vectors": vectors, "alpha": 0.0}, {"level": "sample", "alpha": 0.0}):
-        out = model.generate(**inputs, images=[red_image, None], return_dict_in_generate=True,
-                             generation_config=generation(model, cmrm(**options), max_new_tokens=6, do_sample=False))
+        out = model.generate(
+            **inputs,
+            images=[red_image, None],
+            return_dict_in_generate=True,
+            generation_config=generation(model, cmrm(**options), max_new_tokens=6, do_sample=False),
+        )
         assert_same_tokens(out.sequences, vanilla)
         assert [report.defenses["cmrm"].details["applied"] for report in out.safety] == [False, False]
     for options in ({"vectors": vectors}, {"level": "sample", "alpha": 1.0}):
-        out = model.generate(**inputs, images=[red_image, None], return_dict_in_generate=True,
-                             generation_config=generation(model, cmrm(**options), max_new_tokens=6, do_sample=False))
+        out = model.generate(
+            **inputs,
+            images=[red_image, None],
+            return_dict_in_generate=True,
+            generation_config=generation(model, cmrm(**options), max_new_tokens=6, do_sample=False),
+        )
         assert_same_tokens(out.sequences[1], vanilla[1])  # the text-only row of the mixed batch: untouched
         assert not torch.equal(out.sequences[0], vanilla[0])
         image_row, text_row = (report.defenses["cmrm"] for report in out.safety)
@@ -115,14 +129,26 @@ def test_a_steered_and_a_plain_thread_share_one_model(red_image, calibrated):
     inputs = batch(model, processor, [("What is in the picture?", red_image), ("Describe a cat.", None)])
     vanilla = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     vsp.attach(model, processor)
-    steer = generation(model, {"defenses": {"cmrm": {"level": "sample", "alpha": 1.0},
-                                            "vlm_guard": {"subspace": str(calibrated("llava")[1]), "tau": -1e9}},
-                               "on_error": "raise"}, max_new_tokens=5, do_sample=False)
+    steer = generation(
+        model,
+        {
+            "defenses": {
+                "cmrm": {"level": "sample", "alpha": 1.0},
+                "vlm_guard": {"subspace": str(calibrated("llava")[1]), "tau": -1e9},
+            },
+            "on_error": "raise",
+        },
+        max_new_tokens=5,
+        do_sample=False,
+    )
     steered = model.generate(**inputs, images=[red_image, None], generation_config=steer)
     assert not torch.equal(steered, vanilla)
-    outputs = concurrent({
-        "plain": lambda: model.generate(**inputs, max_new_tokens=5, do_sample=False),
-        "steered": lambda: model.generate(**inputs, images=[red_image, None], generation_config=steer)})
+    outputs = concurrent(
+        {
+            "plain": lambda: model.generate(**inputs, max_new_tokens=5, do_sample=False),
+            "steered": lambda: model.generate(**inputs, images=[red_image, None], generation_config=steer),
+        }
+    )
     assert all(torch.equal(out, vanilla) for out in outputs["plain"])
     assert all(torch.equal(out, steered) for out in outputs["steered"])
 
@@ -130,16 +156,21 @@ def test_a_steered_and_a_plain_thread_share_one_model(red_image, calibrated):
 def test_cmrm_through_peft(red_image, calibrated):
     model, processor = tiny_vlm("gemma3")
     torch.manual_seed(0)  # the LoRA weights are random
-    wrapped = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                               init_lora_weights=False))
+    wrapped = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     inputs = batch(model, processor, [("What is in the picture?", red_image)])
     vanilla = wrapped.generate(**inputs, max_new_tokens=5, do_sample=False)
     vsp.attach(wrapped, processor)
     vectors = str(calibrated("gemma3")[0])  # made on the bare model: same architecture, so it loads
 
     def run(**options):
-        return wrapped.generate(**inputs, images=[red_image], return_dict_in_generate=True,
-                                generation_config=generation(model, cmrm(**options), max_new_tokens=5, do_sample=False))
+        return wrapped.generate(
+            **inputs,
+            images=[red_image],
+            return_dict_in_generate=True,
+            generation_config=generation(model, cmrm(**options), max_new_tokens=5, do_sample=False),
+        )
 
     assert_same_tokens(run(vectors=vectors, alpha=0.0).sequences, vanilla)
     for out in (run(vectors=vectors, alpha=2.0), run(level="sample", alpha=1.0)):
@@ -156,25 +187,33 @@ def test_an_artifact_for_another_model_fails_before_any_generation(red_image, ca
     model.register_forward_pre_hook(lambda *args: calls.append(1))
     foreign = str(calibrated("qwen2_vl")[0])  # same hidden size and depth, another architecture
     with pytest.raises(vsp.ArtifactError) as caught:
-        model.generate(**inputs, generation_config=generation(model, {**cmrm(vectors=foreign), "on_error": "raise"},
-                                                              max_new_tokens=3))
+        model.generate(
+            **inputs,
+            generation_config=generation(model, {**cmrm(vectors=foreign), "on_error": "raise"}, max_new_tokens=3),
+        )
     message = str(caught.value)
     assert message.startswith(foreign) and "made for another model" in message and "config hash" in message
-    out = model.generate(**inputs, generation_config=generation(model, cmrm(vectors=foreign), max_new_tokens=3),
-                         return_dict_in_generate=True)
+    out = model.generate(
+        **inputs,
+        generation_config=generation(model, cmrm(vectors=foreign), max_new_tokens=3),
+        return_dict_in_generate=True,
+    )
     assert out.safety[0].refused and foreign in out.safety[0].error and "config hash" in out.safety[0].error
     assert calls == []  # the model never ran
 
 
-@pytest.mark.parametrize("options, path, fragment", [
-    ({}, "defenses.cmrm.vectors", "required for `level: dataset`"),
-    ({"level": "sample", "vectors": "x.safetensors"}, "defenses.cmrm.vectors", "only for `level: dataset`"),
-    ({"level": "sample", "alpha": -1}, "defenses.cmrm.alpha", "out of range"),
-    ({"level": "sample", "scope": "prompt"}, "defenses.cmrm.scope", "expected one of"),
-    ({"level": "sample", "corrupt": "blur"}, "defenses.cmrm.corrupt", "expected one of"),
-    ({"level": "sample", "layers": []}, "defenses.cmrm.layers", "expected at least 1 item, got 0"),
-    ({"level": "sample", "vector": "x"}, "defenses.cmrm.vector", "unknown key 'vector'"),
-])
+@pytest.mark.parametrize(
+    "options, path, fragment",
+    [
+        ({}, "defenses.cmrm.vectors", "required for `level: dataset`"),
+        ({"level": "sample", "vectors": "x.safetensors"}, "defenses.cmrm.vectors", "only for `level: dataset`"),
+        ({"level": "sample", "alpha": -1}, "defenses.cmrm.alpha", "out of range"),
+        ({"level": "sample", "scope": "prompt"}, "defenses.cmrm.scope", "expected one of"),
+        ({"level": "sample", "corrupt": "blur"}, "defenses.cmrm.corrupt", "expected one of"),
+        ({"level": "sample", "layers": []}, "defenses.cmrm.layers", "expected at least 1 item, got 0"),
+        ({"level": "sample", "vector": "x"}, "defenses.cmrm.vector", "unknown key 'vector'"),
+    ],
+)
 def test_config_errors_name_the_key(options, path, fragment):
     with pytest.raises(vsp.ConfigError) as caught:
         vsp.load_config(cmrm(**options))
@@ -186,8 +225,10 @@ def test_options_that_do_not_fit_the_artifact_are_clear_errors(red_image, calibr
     vsp.attach(model, processor)
     inputs = batch(model, processor, [("What is in the picture?", red_image)])
     vectors = str(calibrated("llava")[0])
-    for options, fragment in [({"vectors": vectors, "layers": [9]}, "defenses.cmrm.layers [9] are not in the artifact"),
-                              ({"vectors": vectors, "corrupt": "noise"}, "computed with 'blank' images")]:
+    for options, fragment in [
+        ({"vectors": vectors, "layers": [9]}, "defenses.cmrm.layers [9] are not in the artifact"),
+        ({"vectors": vectors, "corrupt": "noise"}, "computed with 'blank' images"),
+    ]:
         with pytest.raises(vsp.ArtifactError) as caught:
             model.generate(**inputs, generation_config=generation(model, cmrm(**options), max_new_tokens=2))
         assert str(caught.value).startswith(vectors) and fragment in str(caught.value)
@@ -221,8 +262,12 @@ def test_eta_and_cmrm_compose(red_image, calibrated):
     options = {**eta["defenses"]["eta"], "max_new_tokens": 8}
     inputs = batch(model, processor, [("How to steal a car?", red_image), ("Hi", None)])
     config = {"defenses": {"eta": options, "cmrm": {"vectors": str(calibrated("llava")[0])}}, "on_error": "raise"}
-    out = model.generate(**inputs, images=[red_image, None], return_dict_in_generate=True,
-                         generation_config=generation(model, config, max_new_tokens=8))
+    out = model.generate(
+        **inputs,
+        images=[red_image, None],
+        return_dict_in_generate=True,
+        generation_config=generation(model, config, max_new_tokens=8),
+    )
     image_row, text_row = out.safety
     assert image_row.defenses["cmrm"].decision == "modified" and not text_row.defenses["cmrm"].ran
     assert image_row.defenses["eta"].details["aligned"]

@@ -61,21 +61,27 @@ def test_unknown_defense_lists_registered_names():
     assert "registered defenses:" in str(error) and "adashield" in str(error)
 
 
-@pytest.mark.parametrize("options, path, expected", [
-    ({"text_only": "yes"}, "defenses.adashield.text_only", "expected bool, got str 'yes'"),
-    ({"prompt": 3}, "defenses.adashield.prompt", "expected str, got int 3"),
-])
+@pytest.mark.parametrize(
+    "options, path, expected",
+    [
+        ({"text_only": "yes"}, "defenses.adashield.text_only", "expected bool, got str 'yes'"),
+        ({"prompt": 3}, "defenses.adashield.prompt", "expected str, got int 3"),
+    ],
+)
 def test_wrong_types_name_key_and_expectation(options, path, expected):
     error = error_of({"defenses": {"adashield": options}})
     assert error.path == path and expected in str(error)
 
 
-@pytest.mark.parametrize("data, path", [
-    ({"on_error": "ignore"}, "on_error"),
-    ({"refusal": ""}, "refusal"),
-    ({"defenses": ["adashield"]}, "defenses"),
-    ({"defenses": {"adashield": "on"}}, "defenses.adashield"),
-])
+@pytest.mark.parametrize(
+    "data, path",
+    [
+        ({"on_error": "ignore"}, "on_error"),
+        ({"refusal": ""}, "refusal"),
+        ({"defenses": ["adashield"]}, "defenses"),
+        ({"defenses": {"adashield": "on"}}, "defenses.adashield"),
+    ],
+)
 def test_bad_values_name_their_key(data, path):
     assert error_of(data).path == path
 

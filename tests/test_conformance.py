@@ -39,7 +39,8 @@ def option_sets(model_and_processor, tmp_path_factory):
             cls = plugins.get_defense(name)
             made[name] = cls.conformance_options(*model_and_processor, tmp_path_factory.mktemp(name))
             assert set(made[name]) == {"neutral", "active"}, (
-                f"{name}: conformance_options must return 'neutral' and 'active' option sets")
+                f"{name}: conformance_options must return 'neutral' and 'active' option sets"
+            )
         return made[name]
 
     return get
@@ -97,18 +98,20 @@ def test_a_defense_that_raises_fails_closed(name, model_and_processor, option_se
     active = option_sets(name)["active"]
     refusal = processor.tokenizer("I cannot answer that.", add_special_tokens=False)["input_ids"]
     for kind in cls.kinds():
-        def broken(self, *args, **kwargs):
-            raise RuntimeError(f"{name} broke in {kind}")
+
+        def broken(self, *args, where=kind, **kwargs):
+            raise RuntimeError(f"{name} broke in {where}")
 
         with monkeypatch.context() as patch:
             patch.setattr(cls, kind, broken)
-            output, inputs = defended(model, processor, {"defenses": {name: active},
-                                                         "refusal": "I cannot answer that."})
+            output, inputs = defended(
+                model, processor, {"defenses": {name: active}, "refusal": "I cannot answer that."}
+            )
             answers = new_tokens(output.sequences, inputs)
             for row, report in enumerate(output.safety):
                 assert report.refused and report.decision == vsp.REFUSED, kind
                 assert report.error.startswith(f"{name}: RuntimeError") and kind in report.error
-                assert answers[row, :len(refusal)].tolist() == refusal
+                assert answers[row, : len(refusal)].tolist() == refusal
             with pytest.raises(RuntimeError, match=f"broke in {kind}"):
                 defended(model, processor, {"defenses": {name: active}, "on_error": "raise"})
 
@@ -117,10 +120,17 @@ def test_a_defense_that_raises_fails_closed(name, model_and_processor, option_se
 def test_two_threads_with_different_flags_do_not_see_each_other(name, model_and_processor, option_sets):
     model, processor = vsp.attach(*model_and_processor), model_and_processor[1]
     active = {"defenses": {name: option_sets(name)["active"]}}
-    alone = {"active": defended(model, processor, active)[0].sequences,
-             "plain": defended(model, processor, None)[0].sequences}
-    together = concurrent({"active": lambda: defended(model, processor, active)[0].sequences,
-                           "plain": lambda: defended(model, processor, None)[0].sequences}, rounds=3)
+    alone = {
+        "active": defended(model, processor, active)[0].sequences,
+        "plain": defended(model, processor, None)[0].sequences,
+    }
+    together = concurrent(
+        {
+            "active": lambda: defended(model, processor, active)[0].sequences,
+            "plain": lambda: defended(model, processor, None)[0].sequences,
+        },
+        rounds=3,
+    )
     for which, outputs in together.items():
         for sequences in outputs:
             assert torch.equal(sequences, alone[which]), which

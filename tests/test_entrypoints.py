@@ -40,7 +40,7 @@ def llava():
     vsp.attach(model, processor)
     adapter = vsp.get_attachment(model).adapter
     inputs = adapter.build_inputs(REQUESTS)
-    vanilla = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS)[:, inputs["input_ids"].shape[1]:]
+    vanilla = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS)[:, inputs["input_ids"].shape[1] :]
     yield model, adapter, inputs, vanilla
     vsp.detach(model)
 
@@ -60,16 +60,22 @@ def test_example_plugin_is_discovered_through_its_entry_point(example):
 
 def test_eta_uses_the_plugins_reward_evaluator_by_name(example, llava):
     model, adapter, inputs, vanilla = llava
-    eta = {"pre_threshold": -1.0, "post_threshold": -1.0, "clip": {"model": "tiny-clip"},
-           "reward_model": {"evaluator": "length_evaluator"}}
+    eta = {
+        "pre_threshold": -1.0,
+        "post_threshold": -1.0,
+        "clip": {"model": "tiny-clip"},
+        "reward_model": {"evaluator": "length_evaluator"},
+    }
     gen = vsp.SafetyConfig.from_dict({"defenses": {"eta": eta}}).to_generation_config(
-        model.generation_config, max_new_tokens=MAX_NEW_TOKENS, return_dict_in_generate=True)
+        model.generation_config, max_new_tokens=MAX_NEW_TOKENS, return_dict_in_generate=True
+    )
     out = model.generate(**inputs, images=[image for _, image in REQUESTS], generation_config=gen)
     words = [len(text.split()) for text in adapter.tokenizer.batch_decode(vanilla, skip_special_tokens=True)]
     assert [report.defenses["eta"].scores["post"] for report in out.safety] == words
     wrong_kind = {**eta, "reward_model": {"evaluator": "clip"}}
     gen = vsp.SafetyConfig.from_dict({"defenses": {"eta": wrong_kind}}).to_generation_config(
-        model.generation_config, max_new_tokens=MAX_NEW_TOKENS, return_dict_in_generate=True)
+        model.generation_config, max_new_tokens=MAX_NEW_TOKENS, return_dict_in_generate=True
+    )
     out = model.generate(**inputs, images=[image for _, image in REQUESTS], generation_config=gen)
     assert "reward_model.evaluator names no registered reward evaluator 'clip'" in out.safety[0].error
     assert "length_evaluator" in out.safety[0].error
@@ -92,10 +98,11 @@ def test_keyword_refusal_enabled_from_yaml_bans_its_tokens(example, llava, tmp_p
     audit = tmp_path / "audit.jsonl"
     monkeypatch.setenv(example.AUDIT_ENV, str(audit))
 
-    gen = vsp.load_config(path).to_generation_config(model.generation_config, max_new_tokens=MAX_NEW_TOKENS,
-                                                      return_dict_in_generate=True)
+    gen = vsp.load_config(path).to_generation_config(
+        model.generation_config, max_new_tokens=MAX_NEW_TOKENS, return_dict_in_generate=True
+    )
     out = model.generate(**inputs, images=[image for _, image in REQUESTS], generation_config=gen)
-    defended = out.sequences[:, inputs["input_ids"].shape[1]:]
+    defended = out.sequences[:, inputs["input_ids"].shape[1] :]
 
     assert not torch.isin(defended, torch.tensor(banned)).any()
     for row, report in enumerate(out.safety):
@@ -117,16 +124,26 @@ def test_keyword_refusal_options_are_validated(example, tmp_path):
 
 
 def test_environment_allowlist_and_blocklist_decide_which_entry_points_load(example):
-    script = "import json; from vlm_safety_plugins.core import plugins; print(json.dumps(sorted(plugins.registry().defenses)))"
+    script = (
+        "import json; from vlm_safety_plugins.core import plugins; "
+        "print(json.dumps(sorted(plugins.registry().defenses)))"
+    )
     clean = {name: value for name, value in os.environ.items() if name not in (plugins.ALLOW_ENV, plugins.BLOCK_ENV)}
     cases = {  # extra environment -> whether the example defense loads
         (plugins.ALLOW_ENV, ""): False,
         (plugins.BLOCK_ENV, "example"): False,
         (plugins.ALLOW_ENV, "example"): True,
     }
-    running = {case: subprocess.Popen([sys.executable, "-c", script], env={**clean, case[0]: case[1]},
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for case in cases}
+    running = {
+        case: subprocess.Popen(
+            [sys.executable, "-c", script],
+            env={**clean, case[0]: case[1]},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for case in cases
+    }
     for case, process in running.items():
         stdout, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr

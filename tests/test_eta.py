@@ -21,15 +21,21 @@ MAX_NEW_TOKENS = 12
 
 def eta(pre="unsafe", post="unsafe", **options):
     """A SafetyConfig running ETA with the offline tiny CLIP and reward model."""
-    settings = {"pre_threshold": PRE[pre], "post_threshold": POST[post], "clip": {"model": "tiny-clip"},
-                "reward_model": {"path": "tiny-reward-model", "trust_remote_code": False},
-                "best_of_n": {"n": 3, "max_sentence_tokens": 5}, **options}
+    settings = {
+        "pre_threshold": PRE[pre],
+        "post_threshold": POST[post],
+        "clip": {"model": "tiny-clip"},
+        "reward_model": {"path": "tiny-reward-model", "trust_remote_code": False},
+        "best_of_n": {"n": 3, "max_sentence_tokens": 5},
+        **options,
+    }
     return vsp.SafetyConfig.from_dict({"defenses": {"eta": settings}})
 
 
 def run(model, inputs, config, images, **kwargs):
-    gen = config.to_generation_config(model.generation_config, max_new_tokens=MAX_NEW_TOKENS,
-                                      return_dict_in_generate=True)
+    gen = config.to_generation_config(
+        model.generation_config, max_new_tokens=MAX_NEW_TOKENS, return_dict_in_generate=True
+    )
     return model.generate(**inputs, images=images, generation_config=gen, **kwargs)
 
 
@@ -63,8 +69,10 @@ class Recorder(BaseStreamer):
 # -- the decision table -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("pre, post, aligned", [("unsafe", "unsafe", True), ("unsafe", "safe", False),
-                                                ("safe", "unsafe", False), ("safe", "safe", False)])
+@pytest.mark.parametrize(
+    "pre, post, aligned",
+    [("unsafe", "unsafe", True), ("unsafe", "safe", False), ("safe", "unsafe", False), ("safe", "safe", False)],
+)
 def test_only_both_verdicts_unsafe_align_an_image_request(attached, pre, post, aligned):
     model, adapter, image = attached
     inputs = batch(model, adapter.processor, [("What is in the picture?", image)])
@@ -76,15 +84,16 @@ def test_only_both_verdicts_unsafe_align_an_image_request(attached, pre, post, a
     answer = new_tokens(out.sequences, inputs)
     if aligned:
         prefix = adapter.response_ids(PREFIX)
-        assert answer[0, :len(prefix)].tolist() == prefix
+        assert answer[0, : len(prefix)].tolist() == prefix
         assert record.details["sentences"] >= 1 and record.details["candidates"] == 3 * record.details["sentences"]
         assert set(record.details["time_s"]) == {"clip", "vanilla", "reward", "align", "decode", "score"}
     else:
         assert_same_tokens(out.sequences, vanilla(model, inputs))
 
 
-@pytest.mark.parametrize("policy, post, aligned", [("post", "unsafe", True), ("post", "safe", False),
-                                                   ("pass", "unsafe", False)])
+@pytest.mark.parametrize(
+    "policy, post, aligned", [("post", "unsafe", True), ("post", "safe", False), ("pass", "unsafe", False)]
+)
 def test_text_only_rows_follow_the_text_only_policy(attached, policy, post, aligned):
     model, adapter, _ = attached
     inputs = batch(model, adapter.processor, [("Tell me about knives.", None)])
@@ -103,12 +112,12 @@ def test_rows_of_a_batch_are_decided_separately(attached):
     aligned = [report.defenses["eta"].details["aligned"] for report in out.safety]
     assert aligned == [True, False]
     prefix = adapter.response_ids(PREFIX)
-    assert new_tokens(out.sequences, inputs)[0, :len(prefix)].tolist() == prefix
+    assert new_tokens(out.sequences, inputs)[0, : len(prefix)].tolist() == prefix
     reference = vanilla(model, inputs)
     row = new_tokens(out.sequences, inputs)[1]
     expected = new_tokens(reference, inputs)[1]
-    assert row[:expected.shape[0]].tolist() == expected.tolist()  # then padding, if row 0 grew longer
-    assert set(row[expected.shape[0]:].tolist()) <= {adapter.tokenizer.pad_token_id}
+    assert row[: expected.shape[0]].tolist() == expected.tolist()  # then padding, if row 0 grew longer
+    assert set(row[expected.shape[0] :].tolist()) <= {adapter.tokenizer.pad_token_id}
 
 
 # -- the safe path ------------------------------------------------------------------------------
@@ -124,8 +133,7 @@ def test_safe_path_never_loads_the_reward_model_and_streams_live(attached):
     assert_same_tokens(out.sequences, vanilla(model, inputs))
     assert streamer.ended and streamer.answer() == new_tokens(out.sequences, inputs)[0].tolist()
     # the same request with an unsafe pre-check needs the reward model: fail closed, naming it
-    refused = run(model, inputs, eta("unsafe", "unsafe", reward_model={"path": "/nonexistent/reward-model"}),
-                  [image])
+    refused = run(model, inputs, eta("unsafe", "unsafe", reward_model={"path": "/nonexistent/reward-model"}), [image])
     assert refused.safety[0].refused and "/nonexistent/reward-model" in refused.safety[0].error
 
 
@@ -168,8 +176,9 @@ def test_a_token_budget_inside_the_prefix_gives_the_cut_prefix_not_a_refusal(att
     inputs = batch(model, adapter.processor, [("What is in the picture?", image)])
     prefix = adapter.response_ids(PREFIX)
     for budget in (len(prefix) - 1, len(prefix)):
-        gen = eta(alignment=alignment).to_generation_config(model.generation_config, max_new_tokens=budget,
-                                                            return_dict_in_generate=True)
+        gen = eta(alignment=alignment).to_generation_config(
+            model.generation_config, max_new_tokens=budget, return_dict_in_generate=True
+        )
         out = model.generate(**inputs, images=[image], generation_config=gen)
         assert not out.safety[0].refused and out.safety[0].defenses["eta"].details["aligned"]
         assert new_tokens(out.sequences, inputs)[0].tolist() == prefix[:budget]
@@ -183,7 +192,7 @@ def test_deep_only_searches_without_the_prefix(attached):
     assert record.details["aligned"] and record.details["sentences"] >= 1
     answer = new_tokens(out.sequences, inputs)[0].tolist()
     prefix = adapter.response_ids(PREFIX)
-    assert answer[:len(prefix)] != prefix
+    assert answer[: len(prefix)] != prefix
 
 
 def test_seeded_alignment_is_reproducible(attached):
@@ -245,8 +254,7 @@ def test_score_rule():
     assert not uses_utility(1, [False, False]) and not uses_utility(3, [False, True])
     assert uses_utility(2, [False, False])
     torch.testing.assert_close(candidate_scores(rewards, None, index=1, alpha=1.0), rewards)
-    torch.testing.assert_close(candidate_scores(rewards, utilities, index=2, alpha=1.0),
-                               torch.tensor([0.65, 0.25]))
+    torch.testing.assert_close(candidate_scores(rewards, utilities, index=2, alpha=1.0), torch.tensor([0.65, 0.25]))
 
 
 @pytest.fixture(scope="module")
@@ -270,18 +278,33 @@ def test_best_candidate_by_the_score_rule_wins(family, evaluators):
 
     def score(candidates, index, accepted):
         responses = adapter.tokenizer.batch_decode([accepted + ids for ids in candidates.token_ids])
-        utilities = (clip.similarity(clip.embed_texts(candidates.texts), image)[:, 0]
-                     if uses_utility(index, candidates.ended_with_eos) else None)
-        scores = candidate_scores(reward.score([BEST_OF_N_INSTRUCTION] * len(responses), responses), utilities,
-                                  index=index, alpha=1.0)
+        utilities = (
+            clip.similarity(clip.embed_texts(candidates.texts), image)[:, 0]
+            if uses_utility(index, candidates.ended_with_eos)
+            else None
+        )
+        scores = candidate_scores(
+            reward.score([BEST_OF_N_INSTRUCTION] * len(responses), responses), utilities, index=index, alpha=1.0
+        )
         rounds.append((candidates.token_ids, scores))
         return scores
 
     torch.manual_seed(0)
     cache = prefill_cache(model.generate, model.config, inputs)
-    result = sentence_best_of_n(model.generate, adapter.tokenizer, context, score, cache=cache, n=4, top_k=5,
-                                temperature=1.5, max_sentence_tokens=4, max_new_tokens=10, boundary="text",
-                                eos_token_id=model.generation_config.eos_token_id)
+    result = sentence_best_of_n(
+        model.generate,
+        adapter.tokenizer,
+        context,
+        score,
+        cache=cache,
+        n=4,
+        top_k=5,
+        temperature=1.5,
+        max_sentence_tokens=4,
+        max_new_tokens=10,
+        boundary="text",
+        eos_token_id=model.generation_config.eos_token_id,
+    )
     winners = [candidates[int(torch.argmax(scores))] for candidates, scores in rounds]
     assert result.token_ids == [token for winner in winners for token in winner]
     assert result.sentences == len(rounds) and result.candidates == 4 * len(rounds)
@@ -293,9 +316,20 @@ def test_continuing_from_the_winners_cache_equals_a_fresh_greedy_generate(family
     adapter, inputs, context = _row(model, processor)
     torch.manual_seed(0)
     cache = prefill_cache(model.generate, model.config, inputs)
-    result = sentence_best_of_n(model.generate, adapter.tokenizer, context, lambda c, i, a: torch.arange(3.0),
-                                cache=cache, n=3, top_k=5, temperature=1.5, max_sentence_tokens=3,
-                                max_new_tokens=6, boundary="text", eos_token_id=[])
+    result = sentence_best_of_n(
+        model.generate,
+        adapter.tokenizer,
+        context,
+        lambda c, i, a: torch.arange(3.0),
+        cache=cache,
+        n=3,
+        top_k=5,
+        temperature=1.5,
+        max_sentence_tokens=3,
+        max_new_tokens=6,
+        boundary="text",
+        eos_token_id=[],
+    )
     grown = extend_context(context, result.token_ids)
     cached = model.generate(**grown, past_key_values=cache, max_new_tokens=6, do_sample=False)
     fresh = model.generate(**{**inputs, **grown}, max_new_tokens=6, do_sample=False)
@@ -316,15 +350,20 @@ def test_alignment_keeps_other_defenses_steering_each_row_as_its_own(attached, r
 
     register(SteerFirstRow)
     inputs = batch(model, adapter.processor, [("What is in the picture?", image), ("Describe a cat.", None)])
-    config = vsp.SafetyConfig.from_dict({"defenses": {**eta(alignment="shallow_only", text_only="pass").to_dict()[
-        "defenses"], "steer_first_row_test": {}}})
+    config = vsp.SafetyConfig.from_dict(
+        {
+            "defenses": {
+                **eta(alignment="shallow_only", text_only="pass").to_dict()["defenses"],
+                "steer_first_row_test": {},
+            }
+        }
+    )
     out = run(model, inputs, config, [[image], []])
     assert [report.defenses["eta"].details["aligned"] for report in out.safety] == [True, False]
     prefix = vsp.InterferencePrefixProcessor(adapter.response_ids(PREFIX))
     hooks = vsp.get_attachment(model).hooks
     with hooks.activate(steering, prompt_length=inputs["input_ids"].shape[1], batch_size=2):
-        expected = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
-                                  logits_processor=[prefix])
+        expected = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, logits_processor=[prefix])
     assert new_tokens(out.sequences, inputs)[0].tolist() == new_tokens(expected, inputs)[0].tolist()
 
 
@@ -387,8 +426,12 @@ def test_growing_cache_layers_match_dynamic_ones_through_crops_selects_and_repea
     update(70, 1)  # a prompt
     for _ in range(80):  # decoding past the spare room
         update(1, 1)
-    steps = [lambda c: c.crop(-5), lambda c: c.batch_repeat_interleave(3), lambda c: c.crop(-2),
-             lambda c: c.batch_select_indices(torch.tensor([2]))]
+    steps = [
+        lambda c: c.crop(-5),
+        lambda c: c.batch_repeat_interleave(3),
+        lambda c: c.crop(-2),
+        lambda c: c.batch_select_indices(torch.tensor([2])),
+    ]
     for step in steps:
         step(growing)
         step(plain)

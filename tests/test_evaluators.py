@@ -64,13 +64,16 @@ def backend(request, open_clip_parts, transformers_parts):
         model, preprocess, tokenizer = open_clip_parts
         raw = SimpleNamespace(
             images=lambda images: model.encode_image(torch.stack([preprocess(image) for image in images])),
-            texts=lambda texts: model.encode_text(tokenizer(texts)))
+            texts=lambda texts: model.encode_text(tokenizer(texts)),
+        )
         return ClipScorer.from_open_clip(*open_clip_parts), "encode_text", raw
     model, processor = transformers_parts
     raw = SimpleNamespace(
         images=lambda images: model.get_image_features(**processor(images=images, return_tensors="pt")).pooler_output,
-        texts=lambda texts: model.get_text_features(
-            **processor.tokenizer(texts, padding=True, return_tensors="pt")).pooler_output)
+        texts=lambda texts: (
+            model.get_text_features(**processor.tokenizer(texts, padding=True, return_tensors="pt")).pooler_output
+        ),
+    )
     return ClipScorer.from_transformers(*transformers_parts), "get_text_features", raw
 
 
@@ -103,20 +106,23 @@ def test_similarity_is_the_plain_cosine_of_the_raw_features(backend, images):
     assert similarity.shape == (len(images), len(TEXTS))
     torch.testing.assert_close(similarity, expected, atol=1e-5, rtol=0)
     assert similarity.abs().max() <= 1 + 1e-6
-    torch.testing.assert_close(scorer.safety_scores(images), expected[:, TEXTS.index(SAFETY_PROMPT)],
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(scorer.safety_scores(images), expected[:, TEXTS.index(SAFETY_PROMPT)], atol=1e-5, rtol=0)
 
 
 def test_text_longer_than_the_context_is_truncated(backend, images):
     scorer, _, _ = backend
     words = [ONE_TOKEN_WORDS[i % len(ONE_TOKEN_WORDS)] for i in range(500)]
-    long_text, truncated = " ".join(words), " ".join(words[:CONTEXT - 2])
+    long_text, truncated = " ".join(words), " ".join(words[: CONTEXT - 2])
     long_and_short = scorer.embed_texts([long_text, "a cat"])
     torch.testing.assert_close(long_and_short[0], scorer.embed_texts([truncated])[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(long_and_short[1], scorer.embed_texts(["a cat"])[0], atol=1e-5, rtol=0)
     image_embeddings = scorer.embed_images(images)
-    torch.testing.assert_close(scorer.safety_scores(image_embeddings, prompt=long_text),
-                               scorer.safety_scores(image_embeddings, prompt=truncated), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        scorer.safety_scores(image_embeddings, prompt=long_text),
+        scorer.safety_scores(image_embeddings, prompt=truncated),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_safety_prompt_is_encoded_once_and_images_once_per_call(backend, images, monkeypatch):
@@ -140,11 +146,18 @@ def test_safety_prompt_is_encoded_once_and_images_once_per_call(backend, images,
 
 def test_bfloat16_model_gets_matching_inputs_and_gives_float32(open_clip_parts, transformers_parts, images):
     model, preprocess, tokenizer = open_clip_parts
-    pairs = [(ClipScorer.from_open_clip(*open_clip_parts),
-              ClipScorer.from_open_clip(copy.deepcopy(model).to(torch.bfloat16), preprocess, tokenizer)),
-             (ClipScorer.from_transformers(*transformers_parts),
-              ClipScorer.from_transformers(copy.deepcopy(transformers_parts[0]).to(torch.bfloat16),
-                                           transformers_parts[1]))]
+    pairs = [
+        (
+            ClipScorer.from_open_clip(*open_clip_parts),
+            ClipScorer.from_open_clip(copy.deepcopy(model).to(torch.bfloat16), preprocess, tokenizer),
+        ),
+        (
+            ClipScorer.from_transformers(*transformers_parts),
+            ClipScorer.from_transformers(
+                copy.deepcopy(transformers_parts[0]).to(torch.bfloat16), transformers_parts[1]
+            ),
+        ),
+    ]
     for full, low in pairs:
         scores = low.safety_scores(images)
         assert scores.dtype == torch.float32
@@ -155,15 +168,18 @@ def test_transformers_clip_loads_from_a_local_directory(transformers_parts, imag
     for part in transformers_parts:
         part.save_pretrained(tmp_path)
     loaded = ClipScorer.load("transformers", str(tmp_path), device="cpu")
-    torch.testing.assert_close(loaded.safety_scores(images),
-                               ClipScorer.from_transformers(*transformers_parts).safety_scores(images))
+    torch.testing.assert_close(
+        loaded.safety_scores(images), ClipScorer.from_transformers(*transformers_parts).safety_scores(images)
+    )
 
 
 def test_load_by_name_fails_fast_with_a_clear_error(tmp_path):
     missing = str(tmp_path / "no-such-clip")
-    cases = [(dict(backend="open_clip", model="No-Such-CLIP"), "No-Such-CLIP"),
-             (dict(backend="open_clip", model="ViT-B-32", pretrained=missing), missing),
-             (dict(backend="transformers", model=missing), missing)]
+    cases = [
+        (dict(backend="open_clip", model="No-Such-CLIP"), "No-Such-CLIP"),
+        (dict(backend="open_clip", model="ViT-B-32", pretrained=missing), missing),
+        (dict(backend="transformers", model=missing), missing),
+    ]
     for kwargs, named in cases:
         start = time.perf_counter()
         with pytest.raises(ModelLoadError, match=kwargs["backend"]) as error:
@@ -246,8 +262,10 @@ def test_reward_model_loads_from_a_local_directory(reward_parts, tmp_path):
         part.save_pretrained(tmp_path)
     loaded = RewardScorer.load(str(tmp_path), device="cpu", max_length=64)
     assert loaded.max_length == 64
-    torch.testing.assert_close(loaded.score(["Is it safe?"] * 2, RESPONSES[:2]),
-                               RewardScorer(*reward_parts).score(["Is it safe?"] * 2, RESPONSES[:2]))
+    torch.testing.assert_close(
+        loaded.score(["Is it safe?"] * 2, RESPONSES[:2]),
+        RewardScorer(*reward_parts).score(["Is it safe?"] * 2, RESPONSES[:2]),
+    )
 
 
 def test_loading_a_missing_reward_model_fails_fast_with_a_clear_error(tmp_path):
@@ -263,7 +281,9 @@ def test_builtin_plugin_registers_both_evaluators():
     registered = []
     builtin.register_evaluators(registered.append)
     assert [(cls, cls.name, cls.kind) for cls in registered] == [
-        (ClipScorer, "clip", "image_safety"), (RewardScorer, "reward_model", "reward")]
+        (ClipScorer, "clip", "image_safety"),
+        (RewardScorer, "reward_model", "reward"),
+    ]
     assert "pricacy" in POST_EVAL_INSTRUCTION and "reject to the question" in POST_EVAL_INSTRUCTION
 
 

@@ -14,8 +14,13 @@ STEERED = (1, 2)
 
 
 def prefill_states(model, inputs, layers, hooks=None, interventions=()):
-    activation = (hooks.activate(interventions, prompt_length=inputs["input_ids"].shape[1],
-                                 batch_size=inputs["input_ids"].shape[0]) if hooks else contextlib.nullcontext())
+    activation = (
+        hooks.activate(
+            interventions, prompt_length=inputs["input_ids"].shape[1], batch_size=inputs["input_ids"].shape[0]
+        )
+        if hooks
+        else contextlib.nullcontext()
+    )
     with torch.no_grad(), capture(layers) as outputs, activation:
         model(**inputs)
     return {index: states[0] for index, states in outputs.items()}
@@ -36,8 +41,9 @@ def test_add_vector_moves_exactly_the_scoped_positions_of_the_steered_layers(att
     torch.manual_seed(0)
     vector = torch.randn(attachment.adapter.hidden_size())
     vanilla = prefill_states(model, inputs, layers)
-    steered = prefill_states(model, inputs, layers, attachment.hooks,
-                             [vsp.AddVector({layer: vector for layer in STEERED}, alpha=0.5)])
+    steered = prefill_states(
+        model, inputs, layers, attachment.hooks, [vsp.AddVector({layer: vector for layer in STEERED}, alpha=0.5)]
+    )
     last = inputs["input_ids"].shape[1] - 1
     assert torch.equal(steered[0], vanilla[0])  # below the first steered layer: untouched
     for layer in range(len(layers)):
@@ -52,8 +58,9 @@ def test_scope_all_edits_every_position(attached):
     model, attachment, layers, inputs = attached
     vector = torch.linspace(-1, 1, attachment.adapter.hidden_size())
     vanilla = prefill_states(model, inputs, layers)
-    steered = prefill_states(model, inputs, layers, attachment.hooks,
-                             [vsp.AddVector({0: vector}, alpha=2.0, scope="all")])
+    steered = prefill_states(
+        model, inputs, layers, attachment.hooks, [vsp.AddVector({0: vector}, alpha=2.0, scope="all")]
+    )
     torch.testing.assert_close(steered[0] - vanilla[0], (2.0 * vector).expand_as(vanilla[0]))
 
 
@@ -64,8 +71,9 @@ def test_last_prompt_scope_edits_the_last_prompt_token_and_no_generated_one(atta
 
     def run(interventions):
         with attachment.hooks.activate(interventions, prompt_length=prompt_length, batch_size=2):
-            return model.generate(**inputs, max_new_tokens=3, do_sample=False, output_hidden_states=True,
-                                  return_dict_in_generate=True)
+            return model.generate(
+                **inputs, max_new_tokens=3, do_sample=False, output_hidden_states=True, return_dict_in_generate=True
+            )
 
     vanilla = run([])
     steered = run([vsp.AddVector({0: vector}, scope="last_prompt")])
@@ -74,7 +82,7 @@ def test_last_prompt_scope_edits_the_last_prompt_token_and_no_generated_one(atta
     torch.testing.assert_close(prefill[:, -1] - vanilla_prefill[:, -1], vector.expand(2, -1))
     # the first generated token sees the same edited prompt under both scopes; only the wider one edits it
     wider = run([vsp.AddVector({0: vector}, scope="last_prompt_and_generated")])
-    assert torch.equal(wider.sequences[:, :prompt_length + 1], steered.sequences[:, :prompt_length + 1])
+    assert torch.equal(wider.sequences[:, : prompt_length + 1], steered.sequences[:, : prompt_length + 1])
     torch.testing.assert_close(wider.hidden_states[1][1] - steered.hidden_states[1][1], vector.expand(2, 1, -1))
 
 
@@ -84,8 +92,9 @@ def test_generated_scope_leaves_the_prefill_alone(attached):
 
     def run(interventions):
         with attachment.hooks.activate(interventions, prompt_length=inputs["input_ids"].shape[1], batch_size=2):
-            return model.generate(**inputs, max_new_tokens=3, do_sample=False, output_hidden_states=True,
-                                  return_dict_in_generate=True)
+            return model.generate(
+                **inputs, max_new_tokens=3, do_sample=False, output_hidden_states=True, return_dict_in_generate=True
+            )
 
     vanilla = run([])
     steered = run([vsp.AddVector({1: vector}, scope="generated")])
@@ -99,8 +108,7 @@ def test_rows_mask_steers_only_the_chosen_rows(attached):
     model, attachment, layers, inputs = attached
     vector = torch.ones(attachment.adapter.hidden_size())
     vanilla = prefill_states(model, inputs, layers)
-    steered = prefill_states(model, inputs, layers, attachment.hooks,
-                             [vsp.AddVector({1: vector}, rows=[False, True])])
+    steered = prefill_states(model, inputs, layers, attachment.hooks, [vsp.AddVector({1: vector}, rows=[False, True])])
     for layer in range(len(layers)):
         assert torch.equal(steered[layer][0], vanilla[layer][0])
     assert not torch.equal(steered[1][1], vanilla[1][1])
@@ -148,8 +156,9 @@ def test_per_row_vectors_follow_rows_through_beam_expansion(attached):
     vectors[1] = 4.0
     settings = dict(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
     vanilla = model.generate(**inputs, **settings)
-    with attachment.hooks.activate([vsp.AddVector({1: vectors})], prompt_length=inputs["input_ids"].shape[1],
-                                   batch_size=2):
+    with attachment.hooks.activate(
+        [vsp.AddVector({1: vectors})], prompt_length=inputs["input_ids"].shape[1], batch_size=2
+    ):
         steered = model.generate(**inputs, **settings)
     assert_same_tokens(steered[:2], vanilla[:2])
     assert not torch.equal(steered[2:], vanilla[2:])
@@ -169,13 +178,18 @@ def test_concurrent_calls_see_only_their_own_interventions(vlm, red_image, regis
     inputs = batch(model, processor, [("What is in the picture?", red_image), ("Describe a cat.", None)])
     vanilla = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     vsp.attach(model, processor)
-    steer = generation(model, {"defenses": {"steer_test_defense": {}}, "on_error": "raise"},
-                       max_new_tokens=5, do_sample=False)
+    steer = generation(
+        model, {"defenses": {"steer_test_defense": {}}, "on_error": "raise"}, max_new_tokens=5, do_sample=False
+    )
     steered = model.generate(**inputs, generation_config=steer)
     assert not torch.equal(steered, vanilla)
-    outputs = concurrent({
-        "plain": lambda: model.generate(**inputs, max_new_tokens=5, do_sample=False),
-        "steered": lambda: model.generate(**inputs, generation_config=steer)}, rounds=6)
+    outputs = concurrent(
+        {
+            "plain": lambda: model.generate(**inputs, max_new_tokens=5, do_sample=False),
+            "steered": lambda: model.generate(**inputs, generation_config=steer),
+        },
+        rounds=6,
+    )
     assert all(torch.equal(out, vanilla) for out in outputs["plain"])
     assert all(torch.equal(out, steered) for out in outputs["steered"])
 
@@ -186,8 +200,11 @@ def test_hooks_are_inert_outside_a_call(attached):
 
     before = prefill_states(model, inputs, layers)
     with pytest.raises(KeyError):
-        with attachment.hooks.activate([vsp.AddVector({1: torch.ones(attachment.adapter.hidden_size())})],
-                                       prompt_length=inputs["input_ids"].shape[1], batch_size=2):
+        with attachment.hooks.activate(
+            [vsp.AddVector({1: torch.ones(attachment.adapter.hidden_size())})],
+            prompt_length=inputs["input_ids"].shape[1],
+            batch_size=2,
+        ):
             raise KeyError("interrupted mid-call")
     assert _ACTIVE.get() is None
     after = prefill_states(model, inputs, layers)
@@ -195,18 +212,20 @@ def test_hooks_are_inert_outside_a_call(attached):
     assert all(len(layer._forward_hooks) == 1 for layer in layers)
 
 
-@pytest.mark.parametrize("intervention, message", [
-    (lambda d: vsp.AddVector({1: torch.ones(d + 1)}), r"layer 1 vector has shape \((\d+),\), expected"),
-    (lambda d: vsp.AddVector({1: torch.ones(3, d)}), r"shape \(3, \d+\), expected .* or \(2, \d+\)"),
-    (lambda d: vsp.AddVector({99: torch.ones(d)}), "targets layer 99, but the model has decoder layers 0..3"),
-    (lambda d: vsp.ProjectOut({1: torch.ones(d)}), r"basis has shape \(\d+,\), expected \(m, \d+\)"),
-    (lambda d: vsp.AddVector({1: torch.ones(d)}, rows=[True]), r"rows mask has shape \(1,\), expected \(2,\)"),
-])
+@pytest.mark.parametrize(
+    "intervention, message",
+    [
+        (lambda d: vsp.AddVector({1: torch.ones(d + 1)}), r"layer 1 vector has shape \((\d+),\), expected"),
+        (lambda d: vsp.AddVector({1: torch.ones(3, d)}), r"shape \(3, \d+\), expected .* or \(2, \d+\)"),
+        (lambda d: vsp.AddVector({99: torch.ones(d)}), "targets layer 99, but the model has decoder layers 0..3"),
+        (lambda d: vsp.ProjectOut({1: torch.ones(d)}), r"basis has shape \(\d+,\), expected \(m, \d+\)"),
+        (lambda d: vsp.AddVector({1: torch.ones(d)}, rows=[True]), r"rows mask has shape \(1,\), expected \(2,\)"),
+    ],
+)
 def test_mismatched_shapes_are_clear_errors_before_any_forward(attached, intervention, message):
     model, attachment, layers, inputs = attached
     with pytest.raises(ValueError, match=message):
-        with attachment.hooks.activate([intervention(attachment.adapter.hidden_size())], prompt_length=5,
-                                       batch_size=2):
+        with attachment.hooks.activate([intervention(attachment.adapter.hidden_size())], prompt_length=5, batch_size=2):
             pass
 
 
@@ -240,11 +259,17 @@ def test_continuation_rows_steer_each_generated_row_as_the_call_row_it_continues
     per_row = torch.stack([torch.full((hidden,), 1.0), torch.full((hidden,), -2.0)])
     intervention = vsp.AddVector({0: per_row}, scope="all", rows=[False, True])
     # row 1 is text-only: its per-position inputs are all it needs
-    three_of_row_1 = {name: value[[1, 1, 1]] for name, value in inputs.items()
-                      if value.shape[:2] == inputs["input_ids"].shape}
+    three_of_row_1 = {
+        name: value[[1, 1, 1]] for name, value in inputs.items() if value.shape[:2] == inputs["input_ids"].shape
+    }
     vanilla = prefill_states(model, three_of_row_1, layers)
-    with torch.no_grad(), capture(layers) as outputs, attachment.hooks.activate(
-            [intervention], prompt_length=inputs["input_ids"].shape[1], batch_size=2, rows=[1, 1, 1]):
+    with (
+        torch.no_grad(),
+        capture(layers) as outputs,
+        attachment.hooks.activate(
+            [intervention], prompt_length=inputs["input_ids"].shape[1], batch_size=2, rows=[1, 1, 1]
+        ),
+    ):
         model(**three_of_row_1)
     # row 1's own vector (and its rows-mask entry) apply to all three copies
     torch.testing.assert_close(outputs[0][0] - vanilla[0], per_row[1].expand_as(vanilla[0]))
@@ -261,8 +286,11 @@ def test_add_prompt_projection_pushes_following_positions_by_the_prompts_part(at
     prompt_length = inputs["input_ids"].shape[1]
 
     def run(interventions):
-        with torch.no_grad(), capture(layers) as outputs, attachment.hooks.activate(
-                interventions, prompt_length=prompt_length, batch_size=2) as active:
+        with (
+            torch.no_grad(),
+            capture(layers) as outputs,
+            attachment.hooks.activate(interventions, prompt_length=prompt_length, batch_size=2) as active,
+        ):
             model.generate(**inputs, max_new_tokens=2, do_sample=False)
         return outputs, active
 
@@ -296,8 +324,11 @@ def test_gates_and_prompt_reads_see_the_layer_output_before_other_edits(attached
 def test_read_records_last_prompt_states_without_editing(attached):
     model, attachment, layers, inputs = attached
     prompt_length = inputs["input_ids"].shape[1]
-    with torch.no_grad(), capture(layers) as outputs, attachment.hooks.activate(
-            [], prompt_length=prompt_length, batch_size=2, read=[0, 3]) as active:
+    with (
+        torch.no_grad(),
+        capture(layers) as outputs,
+        attachment.hooks.activate([], prompt_length=prompt_length, batch_size=2, read=[0, 3]) as active,
+    ):
         model(**inputs)
     assert sorted(active.prompt_states) == [0, 3]
     for layer in (0, 3):

@@ -41,13 +41,20 @@ def ranged_plugin():
     plugins.pm.unregister(plugin)
 
 
-@pytest.mark.parametrize("sampling, path, message", [
-    ({"n": -1}, "defenses.ranged_test_defense.sampling.n", "-1 is out of range; expected >= 1"),
-    ({"top_p": 1.5}, "defenses.ranged_test_defense.sampling.top_p", "1.5 is out of range; expected > 0.0 and <= 1.0"),
-    ({"top_p": 0}, "defenses.ranged_test_defense.sampling.top_p", "expected > 0.0"),
-    ({"n": 2.5}, "defenses.ranged_test_defense.sampling.n", "expected int, got float 2.5"),
-    ({"n": True}, "defenses.ranged_test_defense.sampling.n", "expected int, got bool True"),
-])
+@pytest.mark.parametrize(
+    "sampling, path, message",
+    [
+        ({"n": -1}, "defenses.ranged_test_defense.sampling.n", "-1 is out of range; expected >= 1"),
+        (
+            {"top_p": 1.5},
+            "defenses.ranged_test_defense.sampling.top_p",
+            "1.5 is out of range; expected > 0.0 and <= 1.0",
+        ),
+        ({"top_p": 0}, "defenses.ranged_test_defense.sampling.top_p", "expected > 0.0"),
+        ({"n": 2.5}, "defenses.ranged_test_defense.sampling.n", "expected int, got float 2.5"),
+        ({"n": True}, "defenses.ranged_test_defense.sampling.n", "expected int, got bool True"),
+    ],
+)
 def test_out_of_range_and_wrong_type_name_the_nested_key(ranged_plugin, sampling, path, message):
     with pytest.raises(vsp.ConfigError) as caught:
         vsp.load_config({"defenses": {"ranged_test_defense": {"sampling": sampling}}})
@@ -55,8 +62,9 @@ def test_out_of_range_and_wrong_type_name_the_nested_key(ranged_plugin, sampling
 
 
 def test_runtime_registered_plugin_parses_nested_lists_and_optionals(ranged_plugin):
-    config = vsp.load_config({"defenses": {"ranged_test_defense": {"sampling": {"n": 3, "top_p": 1},
-                                                                   "layers": [1, 2]}}})
+    config = vsp.load_config(
+        {"defenses": {"ranged_test_defense": {"sampling": {"n": 3, "top_p": 1}, "layers": [1, 2]}}}
+    )
     options = config.defenses["ranged_test_defense"]
     assert options.sampling == Sampling(n=3, top_p=1.0) and options.layers == [1, 2]
     assert config.to_dict()["defenses"]["ranged_test_defense"]["sampling"] == {"n": 3, "top_p": 1.0}
@@ -77,8 +85,14 @@ def test_unregistered_plugin_disappears_from_the_registry(ranged_plugin):
 
 def test_describe_options_gives_types_defaults_and_ranges():
     rows = {row["name"]: row for row in describe_options(Sampling)}
-    assert rows["n"] == {"name": "n", "type": "int", "required": False, "default": 5, "doc": "candidates",
-                         "range": ">= 1"}
+    assert rows["n"] == {
+        "name": "n",
+        "type": "int",
+        "required": False,
+        "default": 5,
+        "doc": "candidates",
+        "range": ">= 1",
+    }
     assert rows["top_p"]["range"] == "> 0.0 and <= 1.0"
     assert {row["name"]: row["type"] for row in describe_options(RangedOptions)}["layers"] == "list[int] | null"
 
@@ -89,8 +103,7 @@ def test_describe_options_marks_options_without_default_as_required():
         vectors: str = option(doc="artifact path")
         alpha: float = option(1.0, doc="strength")
 
-    assert {row["name"]: row["required"] for row in describe_options(WithRequired)} == {"vectors": True,
-                                                                                       "alpha": False}
+    assert {row["name"]: row["required"] for row in describe_options(WithRequired)} == {"vectors": True, "alpha": False}
 
 
 def test_list_options_check_each_item_and_their_count():
@@ -99,8 +112,10 @@ def test_list_options_check_each_item_and_their_count():
         layers: list[int] = option([0], doc="Layers.", min=0, min_items=1)
 
     assert parse_options(Layers, {"layers": [2, 0]}, path="p", source="s").layers == [2, 0]
-    for value, path, message in (([], "p.layers", "expected at least 1 item, got 0"),
-                                 ([1, -1], "p.layers[1]", "-1 is out of range; expected >= 0 and at least 1 item")):
+    for value, path, message in (
+        ([], "p.layers", "expected at least 1 item, got 0"),
+        ([1, -1], "p.layers[1]", "-1 is out of range; expected >= 0 and at least 1 item"),
+    ):
         with pytest.raises(vsp.ConfigError) as caught:
             parse_options(Layers, {"layers": value}, path="p", source="s")
         assert caught.value.path == path and message in str(caught.value)

@@ -26,13 +26,21 @@ def tiny(request):
 
 def _inputs(family, processor):
     """A left-padded batch of two rows of different prompt lengths, one image each."""
-    chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-             for text in ("What is this?", "Describe the picture in detail, please.")]
+    chats = [
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        for text in ("What is this?", "Describe the picture in detail, please.")
+    ]
     prompts = [processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) for chat in chats]
     images = [[tiny_image((255, 0, 0))], [tiny_image((0, 0, 255))]]
     # Gemma 3's template already starts with BOS.
-    return processor(text=prompts, images=images, return_tensors="pt", padding=True, padding_side="left",
-                     add_special_tokens=family != "gemma3")
+    return processor(
+        text=prompts,
+        images=images,
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+        add_special_tokens=family != "gemma3",
+    )
 
 
 def _append(inputs, ids):
@@ -59,10 +67,16 @@ def test_prefix_starts_every_row(tiny, decoding):
     prefix = InterferencePrefixProcessor.from_text(processor.tokenizer, PREFIX)
     torch.manual_seed(0)
     with torch.no_grad():
-        out = model.generate(**inputs, logits_processor=[prefix], max_new_tokens=len(prefix.prefix_ids) + 3,
-                             return_dict_in_generate=True, output_scores=True, **DECODING[decoding])
+        out = model.generate(
+            **inputs,
+            logits_processor=[prefix],
+            max_new_tokens=len(prefix.prefix_ids) + 3,
+            return_dict_in_generate=True,
+            output_scores=True,
+            **DECODING[decoding],
+        )
     start = inputs["input_ids"].shape[1]
-    forced = out.sequences[:, start:start + len(prefix.prefix_ids)]
+    forced = out.sequences[:, start : start + len(prefix.prefix_ids)]
     assert forced.tolist() == [list(prefix.prefix_ids)] * 2
     if decoding == "beam":
         assert torch.isfinite(out.sequences_scores).all()
@@ -73,8 +87,12 @@ def test_prefix_then_distribution_untouched(tiny):
     inputs = _inputs(family, processor)
     prefix_ids = _ids(processor.tokenizer, PREFIX)
     with torch.no_grad():
-        forced = model.generate(**inputs, logits_processor=[InterferencePrefixProcessor(prefix_ids)],
-                                max_new_tokens=len(prefix_ids) + 6, do_sample=False)
+        forced = model.generate(
+            **inputs,
+            logits_processor=[InterferencePrefixProcessor(prefix_ids)],
+            max_new_tokens=len(prefix_ids) + 6,
+            do_sample=False,
+        )
         vanilla = model.generate(**_append(inputs, prefix_ids), max_new_tokens=6, do_sample=False)
     assert forced.tolist() == vanilla.tolist()
 
@@ -96,10 +114,12 @@ def test_from_text_is_the_reply_start_without_special_tokens(tiny):
     assert not set(ids) & set(tokenizer.all_special_ids)
     assert tokenizer.decode(ids) == PREFIX
     # The same ids the chat template gives a reply that starts with the prefix.
-    chat = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": PREFIX}]}]
+    chat = [
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": PREFIX}]},
+    ]
     rendered = _ids(tokenizer, processor.apply_chat_template(chat, tokenize=False))
-    assert any(rendered[i:i + len(ids)] == ids for i in range(len(rendered)))
+    assert any(rendered[i : i + len(ids)] == ids for i in range(len(rendered)))
     if family == "llava":
         assert tokenizer.convert_ids_to_tokens(ids[0]).startswith("▁")
 
@@ -155,16 +175,19 @@ def test_text_boundaries(tiny, text):
     assert _sentences(tiny[2].tokenizer, text) == TEXT_BOUNDARIES[text]
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("It| is| red|. The| sky", ["It is red. The", "sky"]),
-    ("It| is| red|.\n|Ok", ["It is red.\n", "Ok"]),
-    ("It| is| red|.\"| Ok", ["It is red.\"", "Ok"]),
-    ("It| is| 3|.\n|Ok", ["It is 3.\n", "Ok"]),
-    ("It| is| 3|.| Ok", ["It is 3. Ok"]),  # the whitespace confirms the "." one token late
-    ("1|. Mix|\n|2|.|\n|Ok", ["1. Mix\n", "2.\n", "Ok"]),  # list numbers open the sentence
-    ("\n|\n|Ok|.", ["\n\nOk."]),  # a newline before any text is no boundary
-    ("Pi| is| 3|.|14|.", ["Pi is 3.14."]),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("It| is| red|. The| sky", ["It is red. The", "sky"]),
+        ("It| is| red|.\n|Ok", ["It is red.\n", "Ok"]),
+        ('It| is| red|."| Ok', ['It is red."', "Ok"]),
+        ("It| is| 3|.\n|Ok", ["It is 3.\n", "Ok"]),
+        ("It| is| 3|.| Ok", ["It is 3. Ok"]),  # the whitespace confirms the "." one token late
+        ("1|. Mix|\n|2|.|\n|Ok", ["1. Mix\n", "2.\n", "Ok"]),  # list numbers open the sentence
+        ("\n|\n|Ok|.", ["\n\nOk."]),  # a newline before any text is no boundary
+        ("Pi| is| 3|.|14|.", ["Pi is 3.14."]),
+    ],
+)
 def test_tokens_spanning_a_boundary(text, expected):
     pieces = _Pieces(*dict.fromkeys(text.split("|")))
     assert _sentences(pieces, text) == expected
@@ -186,7 +209,7 @@ def test_rows_are_independent_and_padding_is_harmless(tiny):
     fired = []
     for end in range(1, width + 1):
         done = criteria(batch[:, :end], None)
-        alone = [criteria(batch[row:row + 1, :end], None).item() for row in (0, 1)]
+        alone = [criteria(batch[row : row + 1, :end], None).item() for row in (0, 1)]
         assert done.shape == (2,) and done.dtype == torch.bool and done.tolist() == alone
         fired.append(alone)
     first = [next(end for end, row in enumerate(fired, 1) if row[r]) for r in (0, 1)]
@@ -216,7 +239,10 @@ def test_max_sentence_tokens_caps_every_row(tiny):
 def test_reference_boundary_is_the_period_token_only(tiny):
     tokenizer = tiny[2].tokenizer
     assert _sentences(tokenizer, "It is 3.5 or blue. Is it? Yes!\nOk", boundary="reference") == [
-        "It is 3.", "5 or blue.", "Is it? Yes!\nOk"]
+        "It is 3.",
+        "5 or blue.",
+        "Is it? Yes!\nOk",
+    ]
 
 
 def test_invalid_boundary_lists_the_choices(tiny):
@@ -249,8 +275,12 @@ def test_generate_stops_each_row_at_its_own_boundary(tiny):
     texts = ["It is red. More text", "It costs 3.5 dollars? Yes"]
     script = _Script([_ids(tokenizer, text) for text in texts], start)
     with torch.no_grad():
-        out = model.generate(**inputs, logits_processor=[script], max_new_tokens=30,
-                             stopping_criteria=[SentenceBoundaryCriteria(tokenizer)])
+        out = model.generate(
+            **inputs,
+            logits_processor=[script],
+            max_new_tokens=30,
+            stopping_criteria=[SentenceBoundaryCriteria(tokenizer)],
+        )
     first, second = _ids(tokenizer, "It is red."), _ids(tokenizer, "It costs 3.5 dollars?")
     assert out[:, start:].tolist() == [first + [pad] * (len(second) - len(first)), second]
 
@@ -262,9 +292,15 @@ def test_generate_sampled_rows_stop_at_their_first_boundary(tiny):
     inputs = _inputs(family, processor)
     torch.manual_seed(0)
     with torch.no_grad():
-        out = model.generate(**inputs, stopping_criteria=[SentenceBoundaryCriteria(tokenizer, **options)],
-                             max_new_tokens=40, do_sample=True, temperature=1.5, top_k=5)
-    new = out[:, inputs["input_ids"].shape[1]:]
+        out = model.generate(
+            **inputs,
+            stopping_criteria=[SentenceBoundaryCriteria(tokenizer, **options)],
+            max_new_tokens=40,
+            do_sample=True,
+            temperature=1.5,
+            top_k=5,
+        )
+    new = out[:, inputs["input_ids"].shape[1] :]
     criteria = SentenceBoundaryCriteria(tokenizer, prompt_length=0, **options)
     for row in new:
         length = next(end for end in range(1, 13) if criteria(row[None, :end], None).item())

@@ -5,8 +5,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from vlm_safety_plugins.core import plugins
 from vlm_safety_plugins.cli import cli
+from vlm_safety_plugins.core import plugins
 from vlm_safety_plugins.core.config import TOP_LEVEL_KEYS
 from vlm_safety_plugins.core.reference import configuration_reference, options_table
 
@@ -20,7 +20,8 @@ OPTIONS_END = "<!-- /options -->"
 
 def test_committed_configuration_reference_is_current():
     assert COMMITTED.read_text(encoding="utf-8") == configuration_reference(), (
-        "docs/configuration.md is out of date; regenerate it: vlm-safety reference > docs/configuration.md")
+        "docs/configuration.md is out of date; regenerate it: vlm-safety reference > docs/configuration.md"
+    )
 
 
 def test_reference_documents_every_key_and_builtin_option_only():
@@ -52,7 +53,8 @@ def test_every_builtin_defense_has_a_doc_page_with_its_current_options():
         section = text.split(OPTIONS_START, 1)[1].split(OPTIONS_END, 1)[0].strip("\n")
         assert section == options_table(item.cls).strip("\n"), (
             f"the options table of docs/defenses/{item.name}.md is out of date; replace it with the output "
-            f"of: vlm-safety reference --defense {item.name}")
+            f"of: vlm-safety reference --defense {item.name}"
+        )
 
 
 def test_reference_command_prints_one_defense_or_names_the_unknown_one():

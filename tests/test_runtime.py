@@ -1,6 +1,5 @@
 """The attached generate: exact vanilla behaviour when off, defenses composed when on."""
 
-
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
@@ -33,8 +32,9 @@ def test_attached_without_flags_is_bit_for_bit_vanilla(vlm, red_image, sampling)
     assert_same_tokens(run(images=[red_image, None]), vanilla)
     assert_same_tokens(run(generation_config=GenerationConfig(**settings, vlm_safety={"defenses": {}})), vanilla)
     torch.manual_seed(7)
-    unflagged = model.generate(**inputs, generation_config=GenerationConfig(**settings),
-                               return_dict_in_generate=True, output_scores=True)
+    unflagged = model.generate(
+        **inputs, generation_config=GenerationConfig(**settings), return_dict_in_generate=True, output_scores=True
+    )
     assert_same_tokens(unflagged.sequences, vanilla)
     assert not hasattr(unflagged, "safety")
 
@@ -56,11 +56,13 @@ def test_adashield_inserts_its_prompt_at_the_end_of_the_user_turn(vlm, red_image
     adapter = vsp.get_attachment(model).adapter
     inputs = batch(model, processor, requests(red_image))
     seen = []
-    hook = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"]),
-                                           with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"]), with_kwargs=True
+    )
     try:
-        out = model.generate(**inputs, generation_config=generation(model, ADASHIELD, max_new_tokens=3),
-                             return_dict_in_generate=True)
+        out = model.generate(
+            **inputs, generation_config=generation(model, ADASHIELD, max_new_tokens=3), return_dict_in_generate=True
+        )
     finally:
         hook.remove()
     prompt_ids = adapter.continuation_ids("\n" + STATIC_DEFENSE_PROMPT)
@@ -69,12 +71,15 @@ def test_adashield_inserts_its_prompt_at_the_end_of_the_user_turn(vlm, red_image
     ends = adapter.user_turn_end(defended)
     for row in range(2):
         end = int(ends[row])
-        assert defended[row, end - len(prompt_ids):end].tolist() == prompt_ids
+        assert defended[row, end - len(prompt_ids) : end].tolist() == prompt_ids
         text = processor.tokenizer.decode(defended[row])
-        assert text.index("What is in the picture?" if row == 0 else "sea, please.") < text.index(
-            "examine the image carefully") < text.rindex(processor.tokenizer.decode(list(adapter.turn_suffix_ids)))
+        assert (
+            text.index("What is in the picture?" if row == 0 else "sea, please.")
+            < text.index("examine the image carefully")
+            < text.rindex(processor.tokenizer.decode(list(adapter.turn_suffix_ids)))
+        )
     # the caller's prompt comes back, so slicing by its length keeps working
-    assert_same_tokens(out.sequences[:, :inputs["input_ids"].shape[1]], inputs["input_ids"])
+    assert_same_tokens(out.sequences[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
     assert [report.defenses["adashield"].ran for report in out.safety] == [True, True]
     assert all(report.decision == "modified" and report.defenses["adashield"].time_s > 0 for report in out.safety)
 
@@ -87,8 +92,9 @@ def test_adashield_can_leave_text_only_rows_alone(vlm, red_image):
     seen = []
     hook = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True)
     try:
-        out = model.generate(**inputs, generation_config=generation(model, config, max_new_tokens=2),
-                             return_dict_in_generate=True)
+        out = model.generate(
+            **inputs, generation_config=generation(model, config, max_new_tokens=2), return_dict_in_generate=True
+        )
     finally:
         hook.remove()
     ids, mask = seen[0]["input_ids"], seen[0]["attention_mask"]
@@ -114,11 +120,15 @@ def test_num_return_sequences_and_beams_keep_the_callers_prompt(vlm, red_image):
     vsp.attach(model, processor)
     inputs = batch(model, processor, requests(red_image))
     for extra in ({"num_return_sequences": 2, "do_sample": True}, {"num_beams": 2, "num_return_sequences": 2}):
-        out = model.generate(**inputs, generation_config=generation(model, ADASHIELD, max_new_tokens=3, **extra),
-                             return_dict_in_generate=True)
+        out = model.generate(
+            **inputs,
+            generation_config=generation(model, ADASHIELD, max_new_tokens=3, **extra),
+            return_dict_in_generate=True,
+        )
         assert out.sequences.shape[0] == 4
-        assert_same_tokens(out.sequences[:, :inputs["input_ids"].shape[1]],
-                           inputs["input_ids"].repeat_interleave(2, dim=0))
+        assert_same_tokens(
+            out.sequences[:, : inputs["input_ids"].shape[1]], inputs["input_ids"].repeat_interleave(2, dim=0)
+        )
 
 
 def test_model_directory_with_vlm_safety_is_defended_by_default(vlm, red_image, tmp_path):
@@ -151,8 +161,12 @@ def test_streamer_sees_the_defended_generation(vlm, red_image):
     vsp.attach(model, processor)
     inputs = batch(model, processor, [("What is in the picture?", red_image)])
     streamer = CollectingStreamer()
-    out = model.generate(**inputs, generation_config=generation(model, ADASHIELD, max_new_tokens=4),
-                         streamer=streamer, return_dict_in_generate=True)
+    out = model.generate(
+        **inputs,
+        generation_config=generation(model, ADASHIELD, max_new_tokens=4),
+        streamer=streamer,
+        return_dict_in_generate=True,
+    )
     streamed = [token for chunk in streamer.chunks[1:] for token in chunk]
     assert streamer.ended and streamed == new_tokens(out.sequences, inputs)[0].tolist()
 
@@ -172,8 +186,9 @@ def test_failing_defense_refuses_by_default(vlm, red_image, register):
     inputs = batch(model, processor, requests(red_image))
     config = {"defenses": {"adashield": {}, "exploding_test_defense": {}}, "refusal": "No, sorry."}
     streamer = CollectingStreamer()
-    out = model.generate(**inputs, generation_config=generation(model, config, max_new_tokens=5),
-                         return_dict_in_generate=True)
+    out = model.generate(
+        **inputs, generation_config=generation(model, config, max_new_tokens=5), return_dict_in_generate=True
+    )
     answers = processor.tokenizer.batch_decode(new_tokens(out.sequences, inputs), skip_special_tokens=True)
     assert [answer.strip() for answer in answers] == ["No, sorry.", "No, sorry."]
     assert all(report.decision == "refused" for report in out.safety)
@@ -246,8 +261,11 @@ def test_two_threads_with_different_flags_do_not_interfere(vlm, red_image):
     defended_gen = generation(model, ADASHIELD, max_new_tokens=5, do_sample=False)
     defended = model.generate(**inputs, generation_config=defended_gen)
     assert not torch.equal(defended, vanilla)
-    results = concurrent({
-        "plain": lambda: model.generate(**inputs, max_new_tokens=5, do_sample=False),
-        "defended": lambda: model.generate(**inputs, generation_config=defended_gen)})
+    results = concurrent(
+        {
+            "plain": lambda: model.generate(**inputs, max_new_tokens=5, do_sample=False),
+            "defended": lambda: model.generate(**inputs, generation_config=defended_gen),
+        }
+    )
     assert all(torch.equal(out, vanilla) for out in results["plain"])
     assert all(torch.equal(out, defended) for out in results["defended"])

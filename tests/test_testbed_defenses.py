@@ -53,10 +53,12 @@ def test_the_sample_shows_the_planted_degradation(harmful_with_images, vanilla_r
     assert len(harmful_with_images) >= 20 and vanilla_rate >= 0.9
 
 
-@pytest.mark.parametrize("config_file", ["eta-testbed.yaml", "cmrm-testbed.yaml", "cmrm-sample-testbed.yaml",
-                                         "vlm_guard-testbed.yaml"])
-def test_defense_lowers_the_unsafe_rate_below_vanilla(model, artifacts, harmful_with_images, vanilla_rate,
-                                                      config_file, tmp_path):
+@pytest.mark.parametrize(
+    "config_file", ["eta-testbed.yaml", "cmrm-testbed.yaml", "cmrm-sample-testbed.yaml", "vlm_guard-testbed.yaml"]
+)
+def test_defense_lowers_the_unsafe_rate_below_vanilla(
+    model, artifacts, harmful_with_images, vanilla_rate, config_file, tmp_path
+):
     config = yaml.safe_load((CONFIGS / config_file).read_text())
     for options in config["defenses"].values():
         options.update({key: path for key, path in artifacts.items() if key in options})

@@ -1,6 +1,5 @@
 """Tests for vlm_safety_plugins.testing: the tiny offline models plugin tests build on."""
 
-
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -23,8 +23,12 @@ def requests(image):
 
 
 def run(model, inputs, config, image, **settings):
-    return model.generate(**inputs, images=[None, image], return_dict_in_generate=True,
-                          generation_config=generation(model, config, do_sample=False, **settings))
+    return model.generate(
+        **inputs,
+        images=[None, image],
+        return_dict_in_generate=True,
+        generation_config=generation(model, config, do_sample=False, **settings),
+    )
 
 
 def test_project_out_leaves_no_component_in_the_subspace(vlm, family, red_image, calibrated):
@@ -100,8 +104,13 @@ def test_text_only_false_steers_image_rows_only(red_image, calibrated):
     inputs = batch(model, processor, requests(red_image))
     vanilla = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     vsp.attach(model, processor)
-    out = run(model, inputs, guard(calibrated("gemma3")[1], mode="both", tau=-1e9, alpha=4.0, text_only=False),
-              red_image, max_new_tokens=6)
+    out = run(
+        model,
+        inputs,
+        guard(calibrated("gemma3")[1], mode="both", tau=-1e9, alpha=4.0, text_only=False),
+        red_image,
+        max_new_tokens=6,
+    )
     assert_same_tokens(out.sequences[0], vanilla[0])
     assert not torch.equal(out.sequences[1], vanilla[1])
     assert [report.defenses["vlm_guard"].ran for report in out.safety] == [False, True]
@@ -110,8 +119,9 @@ def test_text_only_false_steers_image_rows_only(red_image, calibrated):
 def test_vlm_guard_through_peft(red_image, calibrated):
     model, processor = tiny_vlm("llava")
     torch.manual_seed(0)  # the LoRA weights are random
-    wrapped = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                               init_lora_weights=False))
+    wrapped = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     inputs = batch(model, processor, requests(red_image))
     vanilla = wrapped.generate(**inputs, max_new_tokens=5, do_sample=False)
     vsp.attach(wrapped, processor)
@@ -122,28 +132,36 @@ def test_vlm_guard_through_peft(red_image, calibrated):
     assert all(report.defenses["vlm_guard"].details["gate_fired"] for report in out.safety)
 
 
-@pytest.mark.parametrize("options, fragment", [
-    ({"rank": 9}, "defenses.vlm_guard.rank is 9, but the artifact has rank 5"),
-    ({"layers": [0, 7]}, "defenses.vlm_guard.layers [7] are not in the artifact"),
-    ({"gate_layer": 6}, "defenses.vlm_guard.gate_layer [6] are not in the artifact"),
-])
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        ({"rank": 9}, "defenses.vlm_guard.rank is 9, but the artifact has rank 5"),
+        ({"layers": [0, 7]}, "defenses.vlm_guard.layers [7] are not in the artifact"),
+        ({"gate_layer": 6}, "defenses.vlm_guard.gate_layer [6] are not in the artifact"),
+    ],
+)
 def test_options_that_do_not_fit_the_artifact_name_file_and_option(red_image, calibrated, options, fragment):
     model, processor = tiny_vlm("llava")
     vsp.attach(model, processor)
     path = str(calibrated("llava")[1])
     with pytest.raises(vsp.ArtifactError) as caught:
-        model.generate(**batch(model, processor, requests(red_image)),
-                       generation_config=generation(model, guard(path, **options), max_new_tokens=2))
+        model.generate(
+            **batch(model, processor, requests(red_image)),
+            generation_config=generation(model, guard(path, **options), max_new_tokens=2),
+        )
     assert str(caught.value).startswith(path) and fragment in str(caught.value)
 
 
-@pytest.mark.parametrize("options, path, fragment", [
-    ({}, "defenses.vlm_guard.subspace", "required key is missing"),
-    ({"subspace": "a.safetensors", "mode": "amplify"}, "defenses.vlm_guard.mode", "expected one of"),
-    ({"subspace": "a.safetensors", "rank": 0}, "defenses.vlm_guard.rank", "out of range"),
-    ({"subspace": "a.safetensors", "tau": "high"}, "defenses.vlm_guard.tau", "got str 'high'"),
-    ({"subspace": "a.safetensors", "layers": []}, "defenses.vlm_guard.layers", "expected at least 1 item, got 0"),
-])
+@pytest.mark.parametrize(
+    "options, path, fragment",
+    [
+        ({}, "defenses.vlm_guard.subspace", "required key is missing"),
+        ({"subspace": "a.safetensors", "mode": "amplify"}, "defenses.vlm_guard.mode", "expected one of"),
+        ({"subspace": "a.safetensors", "rank": 0}, "defenses.vlm_guard.rank", "out of range"),
+        ({"subspace": "a.safetensors", "tau": "high"}, "defenses.vlm_guard.tau", "got str 'high'"),
+        ({"subspace": "a.safetensors", "layers": []}, "defenses.vlm_guard.layers", "expected at least 1 item, got 0"),
+    ],
+)
 def test_config_errors_name_the_key(options, path, fragment):
     with pytest.raises(vsp.ConfigError) as caught:
         vsp.load_config({"defenses": {"vlm_guard": options}})

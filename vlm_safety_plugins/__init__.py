@@ -13,10 +13,10 @@ Names that need torch or transformers are imported on first use, so that the lig
 
 import importlib
 
-from .core.lazy import lazy_exports
 from .core.config import SafetyConfig, load_config
 from .core.errors import AdapterError, ArtifactError, ConfigError, DefenseError, ModelLoadError, VLMSafetyError
 from .core.hookspecs import hookimpl
+from .core.lazy import lazy_exports
 from .core.options import option
 from .core.report import MODIFIED, PASS, REFUSED, DefenseRecord, SafetyReport
 
@@ -45,12 +45,42 @@ _LAZY = {
 }
 
 __all__ = [
-    "AdapterError", "AddPromptProjection", "AddVector", "ArtifactError", "ClipScorer", "CmrmVectors",
-    "ConfigError", "Defense", "DefenseError", "DefenseRecord", "Evaluator", "Gate", "GenerationCall",
-    "InterferencePrefixProcessor", "Intervention", "MODIFIED", "ModelAdapter", "ModelLoadError", "PASS",
-    "ProjectOut", "REFUSED", "RewardScorer", "SafetyConfig", "SafetyReport", "SafetySubspace",
-    "SentenceBoundaryCriteria", "SubspaceIntervention", "VLMSafetyError", "attach", "calibrate_cmrm",
-    "calibrate_vlm_guard", "detach", "get_attachment", "hookimpl", "load_config", "option",
+    "AdapterError",
+    "AddPromptProjection",
+    "AddVector",
+    "ArtifactError",
+    "ClipScorer",
+    "CmrmVectors",
+    "ConfigError",
+    "Defense",
+    "DefenseError",
+    "DefenseRecord",
+    "Evaluator",
+    "Gate",
+    "GenerationCall",
+    "InterferencePrefixProcessor",
+    "Intervention",
+    "MODIFIED",
+    "ModelAdapter",
+    "ModelLoadError",
+    "PASS",
+    "ProjectOut",
+    "REFUSED",
+    "RewardScorer",
+    "SafetyConfig",
+    "SafetyReport",
+    "SafetySubspace",
+    "SentenceBoundaryCriteria",
+    "SubspaceIntervention",
+    "VLMSafetyError",
+    "attach",
+    "calibrate_cmrm",
+    "calibrate_vlm_guard",
+    "detach",
+    "get_attachment",
+    "hookimpl",
+    "load_config",
+    "option",
 ]
 
 

@@ -2,8 +2,9 @@
 
 Every other command comes from its owner through the ``register_commands`` hook
 (``calibrate cmrm`` from ``defenses/cmrm/``, ``eval`` from ``evaluation/``). Heavy modules
-(torch, transformers, the tiny test models) are imported inside the commands that use them. Bad input (a missing file, an invalid config, an unknown model)
-ends with a one-line error and a non-zero exit status, never a traceback.
+(torch, transformers, the tiny test models) are imported inside the commands that use
+them. Bad input (a missing file, an invalid config, an unknown model) ends with a
+one-line error and a non-zero exit status, never a traceback.
 """
 
 from __future__ import annotations
@@ -71,8 +72,17 @@ def list_plugins(as_json):
         click.echo(json.dumps(rows, indent=2))
         return
     header = ("KIND", "NAME", "PROVIDES", "DISTRIBUTION", "VERSION", "DESCRIPTION")
-    table = [header] + [(row["kind"], row["name"], ", ".join(row[PROVIDES[row["kind"]][0]]) or "-",
-                         row["distribution"], row["version"], row["description"]) for row in rows]
+    table = [header] + [
+        (
+            row["kind"],
+            row["name"],
+            ", ".join(row[PROVIDES[row["kind"]][0]]) or "-",
+            row["distribution"],
+            row["version"],
+            row["description"],
+        )
+        for row in rows
+    ]
     widths = [max(len(line[column]) for line in table) for column in range(len(header) - 1)]
     for line in table:
         click.echo("  ".join([cell.ljust(width) for cell, width in zip(line, widths)] + [line[-1]]).rstrip())
@@ -83,22 +93,41 @@ def _plugin_row(item) -> dict:
     key, provides = PROVIDES[item.kind]
     doc_lines = (item.cls.__doc__ or "").strip().splitlines()
     description = getattr(item.cls, "description", "") or (doc_lines[0] if doc_lines else "")
-    return {"kind": item.kind, "name": item.name, key: provides(item.cls), "distribution": item.distribution,
-            "version": item.version, "description": description}
+    return {
+        "kind": item.kind,
+        "name": item.name,
+        key: provides(item.cls),
+        "distribution": item.distribution,
+        "version": item.version,
+        "description": description,
+    }
 
 
 # -- generate ------------------------------------------------------------------------------
 
 
 @cli.command()
-@click.option("--model", "model_name", default="tiny-llava", show_default=True,
-              help="tiny-llava, tiny-qwen2-vl or tiny-gemma3 (random offline test models), or the hub id "
-                   "or local directory of a transformers image-text-to-text checkpoint (set HF_HUB_OFFLINE=1 "
-                   "to use only local files and the hub cache).")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
-              help="Safety config (YAML). Without it the generation is not defended.")
-@click.option("--image", "image_path", type=click.Path(exists=True, dir_okay=False),
-              help="Image file. Without it the request is text-only.")
+@click.option(
+    "--model",
+    "model_name",
+    default="tiny-llava",
+    show_default=True,
+    help="tiny-llava, tiny-qwen2-vl or tiny-gemma3 (random offline test models), or the hub id "
+    "or local directory of a transformers image-text-to-text checkpoint (set HF_HUB_OFFLINE=1 "
+    "to use only local files and the hub cache).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Safety config (YAML). Without it the generation is not defended.",
+)
+@click.option(
+    "--image",
+    "image_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Image file. Without it the request is text-only.",
+)
 @click.option("--prompt", required=True, help="The user's text.")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--stream", is_flag=True, help="Print the answer token by token as it is generated.")
@@ -123,23 +152,40 @@ def generate(model_name, config_path, image_path, prompt, max_new_tokens, stream
         vsp.attach(model, processor)
         adapter = vsp.get_attachment(model).adapter
         inputs = adapter.build_inputs([(prompt, image)])
-        generation_config = evaluation_run.generation_config(model, config, max_new_tokens=max_new_tokens,
-                                                            return_dict_in_generate=True)
-        streamer = transformers.TextStreamer(adapter.tokenizer, skip_prompt=True, skip_special_tokens=True) \
-            if stream else None
+        generation_config = evaluation_run.generation_config(
+            model, config, max_new_tokens=max_new_tokens, return_dict_in_generate=True
+        )
+        streamer = (
+            transformers.TextStreamer(adapter.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+        )
         transformers.set_seed(seed)
         started = time.perf_counter()
-        output = model.generate(**inputs, images=[image] if image is not None else None,
-                                generation_config=generation_config, streamer=streamer)
+        output = model.generate(
+            **inputs,
+            images=[image] if image is not None else None,
+            generation_config=generation_config,
+            streamer=streamer,
+        )
         elapsed = time.perf_counter() - started
     except vsp.VLMSafetyError as error:
         raise click.ClickException(str(error)) from None
-    answer = adapter.tokenizer.decode(output.sequences[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = adapter.tokenizer.decode(output.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     safety = getattr(output, "safety", None)
     report = safety[0] if safety else None
     if as_json:
-        click.echo(json.dumps({"model": model_name, "prompt": prompt, "image": image_path, "answer": answer,
-                               "safety": report.to_dict() if report else None, "time_s": elapsed}, default=str))
+        click.echo(
+            json.dumps(
+                {
+                    "model": model_name,
+                    "prompt": prompt,
+                    "image": image_path,
+                    "answer": answer,
+                    "safety": report.to_dict() if report else None,
+                    "time_s": elapsed,
+                },
+                default=str,
+            )
+        )
         return
     if not stream:
         click.echo(answer)
@@ -180,8 +226,9 @@ def load_model(name, seed):
     if name in offline.VLMS:
         return offline.VLMS[name](seed)
     if name.startswith(TINY_PREFIX):
-        raise click.BadParameter(f"unknown offline model {name!r}; offline models: "
-                                 f"{', '.join(sorted(offline.VLMS))}", param_hint="'--model'")
+        raise click.BadParameter(
+            f"unknown offline model {name!r}; offline models: {', '.join(sorted(offline.VLMS))}", param_hint="'--model'"
+        )
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     try:
@@ -227,8 +274,12 @@ def calibrate():
 
 
 @cli.command()
-@click.option("--defense", "defense_name", metavar="NAME",
-              help="Print only this defense's options table (as in docs/defenses/NAME.md).")
+@click.option(
+    "--defense",
+    "defense_name",
+    metavar="NAME",
+    help="Print only this defense's options table (as in docs/defenses/NAME.md).",
+)
 def reference(defense_name):
     """Print the configuration reference (Markdown) of the built-in defenses."""
     from .core import plugins

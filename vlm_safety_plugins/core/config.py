@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -41,29 +42,39 @@ class SafetyConfig:
     source: str | None = field(default=None, compare=False)
 
     @classmethod
-    def from_dict(cls, data: Any, *, source: str | None = GENERATION_CONFIG_KEY) -> "SafetyConfig":
+    def from_dict(cls, data: Any, *, source: str | None = GENERATION_CONFIG_KEY) -> SafetyConfig:
         """Validate a plain mapping (the YAML document or the ``vlm_safety`` value)."""
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise ConfigError(f"expected a mapping with keys {', '.join(TOP_LEVEL_KEYS)}, "
-                              f"got {type(data).__name__}", source=source)
+            raise ConfigError(
+                f"expected a mapping with keys {', '.join(TOP_LEVEL_KEYS)}, got {type(data).__name__}", source=source
+            )
         unknown = sorted(set(data) - set(TOP_LEVEL_KEYS))
         if unknown:
-            raise ConfigError(f"unknown key {unknown[0]!r}; expected one of: {', '.join(TOP_LEVEL_KEYS)}",
-                              source=source, path=unknown[0])
+            raise ConfigError(
+                f"unknown key {unknown[0]!r}; expected one of: {', '.join(TOP_LEVEL_KEYS)}",
+                source=source,
+                path=unknown[0],
+            )
         defenses_data = data.get("defenses") or {}
         if not isinstance(defenses_data, Mapping):
-            raise ConfigError(f"expected a mapping of defense name to options, got {type(defenses_data).__name__}",
-                              source=source, path="defenses")
+            raise ConfigError(
+                f"expected a mapping of defense name to options, got {type(defenses_data).__name__}",
+                source=source,
+                path="defenses",
+            )
         defenses = {}
         for name, options in defenses_data.items():
             defense_cls = plugins.get_defense(str(name), source=source)
             defenses[name] = parse_options(defense_cls.Options, options, path=f"defenses.{name}", source=source)
         on_error = data.get("on_error", "refuse")
         if on_error not in ON_ERROR_CHOICES:
-            raise ConfigError(f"expected one of {', '.join(map(repr, ON_ERROR_CHOICES))}, got {on_error!r}",
-                              source=source, path="on_error")
+            raise ConfigError(
+                f"expected one of {', '.join(map(repr, ON_ERROR_CHOICES))}, got {on_error!r}",
+                source=source,
+                path="on_error",
+            )
         refusal = data.get("refusal", DEFAULT_REFUSAL)
         if not isinstance(refusal, str) or not refusal.strip():
             raise ConfigError(f"expected a non-empty string, got {refusal!r}", source=source, path="refusal")

@@ -21,8 +21,9 @@ runtime's own business.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from .options import NoOptions
 
@@ -88,8 +89,9 @@ class DefenseCall(Protocol):
     def record(self, defense: str, row: int) -> DefenseRecord:
         """The record of ``defense`` in row ``row``'s report."""
 
-    def insert_prompt_tokens(self, token_ids: Sequence[int], positions: torch.Tensor,
-                             rows: Sequence[bool] | None = None) -> None:
+    def insert_prompt_tokens(
+        self, token_ids: Sequence[int], positions: torch.Tensor, rows: Sequence[bool] | None = None
+    ) -> None:
         """Insert tokens into selected rows' prompts at ``positions[row]``; the caller's prompt is restored."""
 
     def pad_token_id(self) -> int:

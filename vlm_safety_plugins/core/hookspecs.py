@@ -8,8 +8,9 @@ once per class they contribute. docs/plugins.md shows each hook with an example.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from pluggy import HookimplMarker, HookspecMarker
 
@@ -71,7 +72,8 @@ def safety_report(report: SafetyReport) -> None:
 
 
 @hookspec
-def evaluation_plots(summary: dict[str, Any], records: list[dict[str, Any]],
-                     folder: Path) -> list[tuple[str, str | None, str]]:
+def evaluation_plots(
+    summary: dict[str, Any], records: list[dict[str, Any]], folder: Path
+) -> list[tuple[str, str | None, str]]:
     """Draw a plugin's plots of one eval run into ``folder``; return ``(title, path relative
     to the folder or None when nothing was drawn, why not)`` per plot, for ``report.md``."""

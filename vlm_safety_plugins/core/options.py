@@ -21,8 +21,15 @@ from .errors import ConfigError
 _YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-def option(default: Any = dataclasses.MISSING, *, doc: str, min: float | None = None,
-           max: float | None = None, above: float | None = None, min_items: int | None = None) -> Any:
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    doc: str,
+    min: float | None = None,
+    max: float | None = None,
+    above: float | None = None,
+    min_items: int | None = None,
+) -> Any:
     """A dataclass field with a docstring and an optional range (``above`` is exclusive).
 
     For a list, the range applies to each item and ``min_items`` is the fewest items allowed.
@@ -48,8 +55,9 @@ def parse_options(cls: type, data: Any, *, path: str, source: str | None) -> Any
     unknown = sorted(set(data) - set(fields))
     if unknown:
         expected = ", ".join(fields) or "no options"
-        raise ConfigError(f"unknown key {unknown[0]!r}; expected one of: {expected}",
-                          source=source, path=_join(path, unknown[0]))
+        raise ConfigError(
+            f"unknown key {unknown[0]!r}; expected one of: {expected}", source=source, path=_join(path, unknown[0])
+        )
     hints = typing.get_type_hints(cls)
     values = {}
     for name, f in fields.items():
@@ -78,12 +86,23 @@ def describe_options(cls: type) -> list[dict]:
     rows = []
     for f in dataclasses.fields(cls):
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
         if dataclasses.is_dataclass(default):
             default = dataclasses.asdict(default)
-        rows.append({"name": f.name, "type": type_name(hints[f.name]), "required": required, "default": default,
-                     "doc": f.metadata.get("doc", ""), "range": _range_text(f.metadata)})
+        rows.append(
+            {
+                "name": f.name,
+                "type": type_name(hints[f.name]),
+                "required": required,
+                "default": default,
+                "doc": f.metadata.get("doc", ""),
+                "range": _range_text(f.metadata),
+            }
+        )
     return rows
 
 
@@ -143,24 +162,31 @@ def _check_range(meta: typing.Mapping, value: Any, *, path: str, source: str | N
     if isinstance(value, list):
         fewest = meta.get("min_items")
         if fewest is not None and len(value) < fewest:
-            raise ConfigError(f"expected at least {fewest} item{'s' * (fewest != 1)}, got {len(value)}",
-                              source=source, path=path)
+            raise ConfigError(
+                f"expected at least {fewest} item{'s' * (fewest != 1)}, got {len(value)}", source=source, path=path
+            )
         for index, item in enumerate(value):
             _check_range(meta, item, path=f"{path}[{index}]", source=source)
         return
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     low, high, above = meta.get("min"), meta.get("max"), meta.get("above")
-    if (low is not None and value < low) or (high is not None and value > high) or (
-            above is not None and value <= above):
+    if (
+        (low is not None and value < low)
+        or (high is not None and value > high)
+        or (above is not None and value <= above)
+    ):
         raise ConfigError(f"{value!r} is out of range; expected {_range_text(meta)}", source=source, path=path)
 
 
 def _range_text(meta: typing.Mapping) -> str:
     low, high, above, fewest = meta.get("min"), meta.get("max"), meta.get("above"), meta.get("min_items")
-    parts = [f"> {above}" if above is not None else None, f">= {low}" if low is not None else None,
-             f"<= {high}" if high is not None else None,
-             f"at least {fewest} item{'s' * (fewest != 1)}" if fewest is not None else None]
+    parts = [
+        f"> {above}" if above is not None else None,
+        f">= {low}" if low is not None else None,
+        f"<= {high}" if high is not None else None,
+        f"at least {fewest} item{'s' * (fewest != 1)}" if fewest is not None else None,
+    ]
     return " and ".join(p for p in parts if p)
 
 

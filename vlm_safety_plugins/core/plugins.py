@@ -69,8 +69,12 @@ class Registry:
 
     def all(self) -> list[Registered]:
         """Everything registered, of every kind (what ``vlm-safety plugins`` lists)."""
-        return [*self.defenses.values(), *self.evaluators.values(), *self.model_adapters.values(),
-                *self.judges.values()]
+        return [
+            *self.defenses.values(),
+            *self.evaluators.values(),
+            *self.model_adapters.values(),
+            *self.judges.values(),
+        ]
 
 
 _registry_cache: tuple[frozenset, Registry] | None = None
@@ -121,8 +125,9 @@ def get_defense(name: str, *, source: str | None = None) -> type:
     defenses = registry().defenses
     if name not in defenses:
         known = ", ".join(sorted(defenses)) or "none"
-        raise ConfigError(f"unknown defense {name!r}; registered defenses: {known}",
-                          source=source, path=f"defenses.{name}")
+        raise ConfigError(
+            f"unknown defense {name!r}; registered defenses: {known}", source=source, path=f"defenses.{name}"
+        )
     return defenses[name].cls
 
 
@@ -143,8 +148,9 @@ def _collect(hook, kind: str) -> dict[str, Registered]:
         if not isinstance(name, str) or not name:
             raise TypeError(f"{cls!r} registered as a {kind} has no string `name` attribute")
         if name in found and found[name].cls is not cls:
-            raise ValueError(f"two {kind}s are registered as {name!r}: "
-                             f"{found[name].cls.__module__} and {cls.__module__}")
+            raise ValueError(
+                f"two {kind}s are registered as {name!r}: {found[name].cls.__module__} and {cls.__module__}"
+            )
         distribution, version = _distribution_of(cls)
         found[name] = Registered(kind, name, cls, distribution, version)
 

@@ -12,7 +12,8 @@ import dataclasses
 import json
 import types
 import typing
-from typing import Any, Iterator, Union
+from collections.abc import Iterator
+from typing import Any, Union
 
 from . import plugins
 from .config import ON_ERROR_CHOICES, TOP_LEVEL_KEYS, SafetyConfig
@@ -23,11 +24,16 @@ BUILTIN_PACKAGE = __name__.split(".")[0]
 # Type and meaning of each top-level key; a key added to TOP_LEVEL_KEYS without an entry
 # here makes configuration_reference() fail, so the reference cannot silently miss it.
 TOP_LEVEL = {
-    "defenses": ("mapping", "Defenses to apply together, in the order listed: each key a registered defense "
-                            "name, each value its options (see below; `{}` takes every default)."),
-    "on_error": (" | ".join(map(repr, ON_ERROR_CHOICES)),
-                 "What happens when a defense fails: `refuse` answers every row of the call with `refusal` "
-                 "(fail closed); `raise` re-raises the defense's error to the caller."),
+    "defenses": (
+        "mapping",
+        "Defenses to apply together, in the order listed: each key a registered defense "
+        "name, each value its options (see below; `{}` takes every default).",
+    ),
+    "on_error": (
+        " | ".join(map(repr, ON_ERROR_CHOICES)),
+        "What happens when a defense fails: `refuse` answers every row of the call with `refusal` "
+        "(fail closed); `raise` re-raises the defense's error to the caller.",
+    ),
     "refusal": ("str", "The answer given to a refused row."),
 }
 
@@ -52,14 +58,20 @@ on_error: refuse
 def configuration_reference() -> str:
     """The Markdown configuration reference of the top-level keys and every built-in defense."""
     defaults = {field.name: _default(field) for field in dataclasses.fields(SafetyConfig)}
-    parts = [INTRODUCTION, "## Top-level keys\n",
-             _table(("Key", "Type", "Default", "Description"),
-                    [(f"`{key}`", TOP_LEVEL[key][0], _code(defaults[key]), TOP_LEVEL[key][1])
-                     for key in TOP_LEVEL_KEYS]),
-             "## Defenses\n",
-             "The built-in defenses. `vlm-safety plugins` lists those of installed plugins too.\n"]
-    builtin = sorted((item for item in plugins.registry().defenses.values()
-                      if item.cls.__module__.split(".")[0] == BUILTIN_PACKAGE), key=lambda item: item.name)
+    parts = [
+        INTRODUCTION,
+        "## Top-level keys\n",
+        _table(
+            ("Key", "Type", "Default", "Description"),
+            [(f"`{key}`", TOP_LEVEL[key][0], _code(defaults[key]), TOP_LEVEL[key][1]) for key in TOP_LEVEL_KEYS],
+        ),
+        "## Defenses\n",
+        "The built-in defenses. `vlm-safety plugins` lists those of installed plugins too.\n",
+    ]
+    builtin = sorted(
+        (item for item in plugins.registry().defenses.values() if item.cls.__module__.split(".")[0] == BUILTIN_PACKAGE),
+        key=lambda item: item.name,
+    )
     for item in builtin:
         parts.append(_defense_section(item.name, item.cls))
     return "\n".join(parts)
@@ -67,15 +79,21 @@ def configuration_reference() -> str:
 
 def _defense_section(name: str, cls: type) -> str:
     kinds = ", ".join(f"`{kind}`" for kind in cls.kinds()) or "none"
-    lines = [f"### `{name}`\n", f"{cls.description}\n" if cls.description else "", f"Kinds of work: {kinds}.\n",
-             options_table(cls)]
+    lines = [
+        f"### `{name}`\n",
+        f"{cls.description}\n" if cls.description else "",
+        f"Kinds of work: {kinds}.\n",
+        options_table(cls),
+    ]
     return "\n".join(line for line in lines if line)
 
 
 def options_table(cls: type) -> str:
     """The Markdown table of a defense's options (nested ones by dotted path), as its doc page shows it."""
-    rows = [(f"`{path}`", row["type"], "required" if row["required"] else _code(row["default"]), row["range"],
-             row["doc"]) for path, row in option_rows(cls.Options)]
+    rows = [
+        (f"`{path}`", row["type"], "required" if row["required"] else _code(row["default"]), row["range"], row["doc"])
+        for path, row in option_rows(cls.Options)
+    ]
     return _table(("Option", "Type", "Default", "Range", "Description"), rows) if rows else "No options.\n"
 
 

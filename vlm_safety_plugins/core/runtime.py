@@ -16,25 +16,30 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from ..steering.interventions import InterventionHooks
 from . import plugins
 from .adapters import find_adapter
 from .config import GENERATION_CONFIG_KEY, SafetyConfig
 from .defense import Defense, Resources
 from .errors import DefenseError
-from ..steering.interventions import InterventionHooks
 from .report import DefenseRecord, SafetyReport
 
 ATTACHMENT_ATTRIBUTE = "_vlm_safety_attachment"
 CACHE_LIMIT = 64  # distinct configs (and defense instances) kept per attached model
 # Per prompt-shaped input: (value of an inserted token, value of a padding token).
-INSERTED_VALUES = {"input_ids": (None, None), "attention_mask": (1, 0), "token_type_ids": (0, 0),
-                   "mm_token_type_ids": (0, 0)}
+INSERTED_VALUES = {
+    "input_ids": (None, None),
+    "attention_mask": (1, 0),
+    "token_type_ids": (0, 0),
+    "mm_token_type_ids": (0, 0),
+}
 
 
 def attach(model, processor, *, adapter=None):
@@ -60,7 +65,7 @@ def detach(model):
     return model
 
 
-def get_attachment(model) -> "Attachment | None":
+def get_attachment(model) -> Attachment | None:
     """The Attachment of an attached model, else None."""
     return model.__dict__.get(ATTACHMENT_ATTRIBUTE)
 
@@ -188,8 +193,9 @@ class GenerationCall:
             records[defense] = DefenseRecord(name=defense)
         return records[defense]
 
-    def insert_prompt_tokens(self, token_ids: Sequence[int], positions: torch.Tensor,
-                             rows: Sequence[bool] | None = None) -> None:
+    def insert_prompt_tokens(
+        self, token_ids: Sequence[int], positions: torch.Tensor, rows: Sequence[bool] | None = None
+    ) -> None:
         """Insert ``token_ids`` into the prompt of each selected row at ``positions[row]``.
 
         Rows not selected get as many padding tokens on the left instead, so the batch
@@ -204,16 +210,21 @@ class GenerationCall:
             if tuple(tensor.shape) != shape:
                 continue
             if name not in INSERTED_VALUES:
-                raise DefenseError(f"cannot insert prompt tokens: input `{name}` has the prompt's shape "
-                                   f"{shape} but no known fill value")
+                raise DefenseError(
+                    f"cannot insert prompt tokens: input `{name}` has the prompt's shape "
+                    f"{shape} but no known fill value"
+                )
             content, padding = INSERTED_VALUES[name]
             if name == "input_ids":
                 content, padding = ids, self.pad_token_id()
             content = torch.as_tensor(content, dtype=tensor.dtype, device=tensor.device).expand(len(ids))
             padding = torch.as_tensor(padding, dtype=tensor.dtype, device=tensor.device).expand(len(ids))
-            self.inputs[name] = torch.stack([
-                torch.cat([row[:at], content, row[at:]]) if keep else torch.cat([padding, row])
-                for row, at, keep in zip(tensor, positions.tolist(), selected)])
+            self.inputs[name] = torch.stack(
+                [
+                    torch.cat([row[:at], content, row[at:]]) if keep else torch.cat([padding, row])
+                    for row, at, keep in zip(tensor, positions.tolist(), selected)
+                ]
+            )
 
     def pad_token_id(self) -> int:
         """The pad token id of this call (generation config first, then the tokenizer)."""
@@ -246,11 +257,14 @@ class GenerationCall:
         if self._interventions is None:  # once per call: continuations must reuse the same objects
             self._interventions = self._collect("interventions")
         prompt, cache = (self.inputs if rows is not None else kwargs)["input_ids"], kwargs.get("past_key_values")
-        with self._attachment.hooks.activate(self._interventions, prompt_length=prompt.shape[1],
-                                            batch_size=prompt.shape[0],
-                                            start_position=cache.get_seq_length() if cache is not None else 0,
-                                            rows=rows, inherit=self._prompt_pass if rows is not None else None
-                                            ) as state:
+        with self._attachment.hooks.activate(
+            self._interventions,
+            prompt_length=prompt.shape[1],
+            batch_size=prompt.shape[0],
+            start_position=cache.get_seq_length() if cache is not None else 0,
+            rows=rows,
+            inherit=self._prompt_pass if rows is not None else None,
+        ) as state:
             output = self._attachment.original_generate(**kwargs)
         if rows is None:
             self._prompt_pass = state
@@ -279,8 +293,9 @@ class GenerationCall:
         if not chain:
             return self.generate(**overrides)
         outer, rest = chain[0], chain[1:]
-        return self._step(outer, outer.around_generate, self,
-                          lambda **inner: self._around(rest, {**overrides, **inner}))
+        return self._step(
+            outer, outer.around_generate, self, lambda **inner: self._around(rest, {**overrides, **inner})
+        )
 
     def _step(self, defense: Defense, method: Callable, *args):
         """Run one defense method, timing it into every row's record, tagging its failures."""
@@ -300,8 +315,9 @@ class GenerationCall:
         return [defense for defense in self.defenses if kind in type(defense).kinds()]
 
     def _collect(self, kind: str) -> list:
-        return [item for defense in self._defenses_doing(kind)
-                for item in self._step(defense, getattr(defense, kind), self)]
+        return [
+            item for defense in self._defenses_doing(kind) for item in self._step(defense, getattr(defense, kind), self)
+        ]
 
     def _restore_prompt(self, output):
         prompt = self.inputs["input_ids"]
@@ -309,15 +325,16 @@ class GenerationCall:
             return output
         copies = output.sequences.shape[0] // self.batch_size
         original = self.prompt_ids.repeat_interleave(copies, dim=0)
-        output.sequences = torch.cat([original, output.sequences[:, prompt.shape[1]:]], dim=1)
+        output.sequences = torch.cat([original, output.sequences[:, prompt.shape[1] :]], dim=1)
         return output
 
     def _refuse(self, reason: str):
         """Fail closed: every row answers with the configured refusal text."""
         tokenizer = self.adapter.tokenizer
         refusal = tokenizer(self.config.refusal, add_special_tokens=False)["input_ids"]
-        answer = torch.tensor(refusal + self.eos_token_ids()[:1], dtype=self.prompt_ids.dtype,
-                              device=self.prompt_ids.device)
+        answer = torch.tensor(
+            refusal + self.eos_token_ids()[:1], dtype=self.prompt_ids.dtype, device=self.prompt_ids.device
+        )
         copies = self.kwargs.get("num_return_sequences") or self.generation_config.num_return_sequences or 1
         prompt = self.prompt_ids.repeat_interleave(copies, dim=0)
         sequences = torch.cat([prompt, answer.expand(prompt.shape[0], -1)], dim=1)
@@ -389,6 +406,8 @@ def _normalise_images(images: Any, batch_size: int) -> list[list[Any]] | None:
         images = [images]
     rows = [list(item) if isinstance(item, (list, tuple)) else ([] if item is None else [item]) for item in images]
     if len(rows) != batch_size:
-        raise DefenseError(f"images= has {len(rows)} entries but the batch has {batch_size} rows; "
-                           "pass one image (or one list of images, or None) per row")
+        raise DefenseError(
+            f"images= has {len(rows)} entries but the batch has {batch_size} rows; "
+            "pass one image (or one list of images, or None) per row"
+        )
     return rows

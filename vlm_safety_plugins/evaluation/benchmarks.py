@@ -11,8 +11,8 @@ import csv
 import inspect
 import io
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
@@ -24,8 +24,9 @@ from .samples import LABELS, BenchmarkError, Sample
 def _existing(path: str | Path, what: str, *, directory: bool = False) -> Path:
     path = Path(path)
     if not (path.is_dir() if directory else path.is_file()):
-        raise BenchmarkError(f"{what} not found{' (expected a folder)' if directory and path.exists() else ''}",
-                             source=path)
+        raise BenchmarkError(
+            f"{what} not found{' (expected a folder)' if directory and path.exists() else ''}", source=path
+        )
     return path
 
 
@@ -41,11 +42,13 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as error:
-            raise BenchmarkError(f"invalid JSON: {error.msg} (column {error.colno})", source=path,
-                                 where=f"line {number}") from None
+            raise BenchmarkError(
+                f"invalid JSON: {error.msg} (column {error.colno})", source=path, where=f"line {number}"
+            ) from None
         if not isinstance(value, dict):
-            raise BenchmarkError(f"expected a JSON object, got {type(value).__name__}", source=path,
-                                 where=f"line {number}")
+            raise BenchmarkError(
+                f"expected a JSON object, got {type(value).__name__}", source=path, where=f"line {number}"
+            )
         yield number, value
 
 
@@ -56,8 +59,10 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict
             reader = csv.DictReader(handle)
             missing = [column for column in required if column not in (reader.fieldnames or [])]
             if missing:
-                raise BenchmarkError(f"missing column {missing[0]!r}; header has {reader.fieldnames or []}, "
-                                     f"expected {list(required)}", source=path)
+                raise BenchmarkError(
+                    f"missing column {missing[0]!r}; header has {reader.fieldnames or []}, expected {list(required)}",
+                    source=path,
+                )
             for row in reader:
                 yield reader.line_num, row
     except (OSError, UnicodeDecodeError, csv.Error) as error:
@@ -83,13 +88,18 @@ def _image_file(path: Path, source: Path, where: str) -> Path:
 
 # -- MM-SafetyBench ------------------------------------------------------------------------------
 
-MM_SAFETYBENCH_VARIANTS = {"SD": "Rephrased Question(SD)", "SD_TYPO": "Rephrased Question",
-                           "TYPO": "Rephrased Question", "text": "Question"}
+MM_SAFETYBENCH_VARIANTS = {
+    "SD": "Rephrased Question(SD)",
+    "SD_TYPO": "Rephrased Question",
+    "TYPO": "Rephrased Question",
+    "text": "Question",
+}
 """Image variant -> the question field that goes with it (``text``: no image, the original question)."""
 
 
-def load_mm_safetybench(root: str | Path, *, variant: str = "SD_TYPO", scenarios: str | list | None = None
-                        ) -> list[Sample]:
+def load_mm_safetybench(
+    root: str | Path, *, variant: str = "SD_TYPO", scenarios: str | list | None = None
+) -> list[Sample]:
     """MM-SafetyBench (Liu et al., ECCV 2024) from its release folder.
 
     Reads ``processed_questions/<scenario>.json`` (an object of id -> entry) and, unless
@@ -102,8 +112,11 @@ def load_mm_safetybench(root: str | Path, *, variant: str = "SD_TYPO", scenarios
     root = _existing(root, "MM-SafetyBench folder", directory=True)
     questions = root / "processed_questions"
     if not questions.is_dir():
-        raise BenchmarkError("no processed_questions/ folder; expected the MM-SafetyBench layout "
-                             "processed_questions/<scenario>.json and imgs/<scenario>/<variant>/<id>.jpg", source=root)
+        raise BenchmarkError(
+            "no processed_questions/ folder; expected the MM-SafetyBench layout "
+            "processed_questions/<scenario>.json and imgs/<scenario>/<variant>/<id>.jpg",
+            source=root,
+        )
     files = {file.stem: file for file in sorted(questions.glob("*.json"))}
     if isinstance(scenarios, str):
         scenarios = [name.strip() for name in scenarios.split(",") if name.strip()]
@@ -120,17 +133,29 @@ def load_mm_safetybench(root: str | Path, *, variant: str = "SD_TYPO", scenarios
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise BenchmarkError(f"cannot read JSON: {error}", source=file) from None
         if not isinstance(entries, dict):
-            raise BenchmarkError(f"expected an object of id -> question entry, got {type(entries).__name__}",
-                                 source=file)
+            raise BenchmarkError(
+                f"expected an object of id -> question entry, got {type(entries).__name__}", source=file
+            )
         for key in sorted(entries, key=lambda key: (not key.isdigit(), int(key) if key.isdigit() else 0, key)):
             entry, where = entries[key], f"entry {key!r}"
             if not isinstance(entry, dict):
                 raise BenchmarkError(f"expected an object, got {type(entry).__name__}", source=file, where=where)
             prompt = _text_field(entry, field, file, where)
-            image = None if variant == "text" else _image_file(root / "imgs" / scenario / variant / f"{key}.jpg",
-                                                               file, where)
-            samples.append(Sample(f"{scenario}/{key}", prompt, image, "harmful", scenario,
-                                  meta={"variant": variant, "key_phrase": entry.get("Key Phrase")}))
+            image = (
+                None
+                if variant == "text"
+                else _image_file(root / "imgs" / scenario / variant / f"{key}.jpg", file, where)
+            )
+            samples.append(
+                Sample(
+                    f"{scenario}/{key}",
+                    prompt,
+                    image,
+                    "harmful",
+                    scenario,
+                    meta={"variant": variant, "key_phrase": entry.get("Key Phrase")},
+                )
+            )
     return samples
 
 
@@ -163,9 +188,16 @@ def load_figstep_safebench(path: str | Path, *, images: str | Path | None = None
         where = f"line {line}"
         ids = [_text_field(row, column, path, where) for column in ("dataset", "category_id", "task_id")]
         image = _image_file(images / f"query_{'_'.join(ids)}_6.png", path, where)
-        samples.append(Sample("_".join(ids), FIGSTEP_PROMPT, image, "harmful",
-                              _text_field(row, "category_name", path, where),
-                              meta={"question": row.get("question"), "instruction": row.get("instruction")}))
+        samples.append(
+            Sample(
+                "_".join(ids),
+                FIGSTEP_PROMPT,
+                image,
+                "harmful",
+                _text_field(row, "category_name", path, where),
+                meta={"question": row.get("question"), "instruction": row.get("instruction")},
+            )
+        )
     return samples
 
 
@@ -198,18 +230,25 @@ def load_spa_vl(path: str | Path, *, label: str = "harmful") -> list[Sample]:
             raise BenchmarkError(f"missing column {missing[0]!r}; columns: {table.column_names}", source=file)
         for index, row in enumerate(table.to_pylist()):
             where = f"row {index}"
-            samples.append(Sample(f"{file.stem}:{index}", _text_field(row, "question", file, where),
-                                  _image_from_bytes(row["image"], file, where), label,
-                                  _text_field(row, "class1", file, where),
-                                  meta={"class2": row.get("class2"), "class3": row.get("class3")}))
+            samples.append(
+                Sample(
+                    f"{file.stem}:{index}",
+                    _text_field(row, "question", file, where),
+                    _image_from_bytes(row["image"], file, where),
+                    label,
+                    _text_field(row, "class1", file, where),
+                    meta={"class2": row.get("class2"), "class3": row.get("class3")},
+                )
+            )
     return samples
 
 
 def _image_from_bytes(value, file: Path, where: str) -> Image.Image:
     data = value.get("bytes") if isinstance(value, dict) else value
     if not isinstance(data, (bytes, bytearray)) or not data:
-        raise BenchmarkError("field 'image' holds no image bytes (expected a struct with 'bytes', or binary)",
-                             source=file, where=where)
+        raise BenchmarkError(
+            "field 'image' holds no image bytes (expected a struct with 'bytes', or binary)", source=file, where=where
+        )
     try:
         return Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, OSError) as error:
@@ -228,9 +267,16 @@ def load_vlsafe(path: str | Path, *, images: str | Path | None = None) -> list[S
     for line, record in _read_jsonl(path):
         where = f"line {line}"
         image_id = _text_field(record, "image_id", path, where)
-        samples.append(Sample(f"vlsafe-{line}", _text_field(record, "query", path, where),
-                              _image_file(folder / image_id, path, where), "harmful", "vlsafe",
-                              meta={"image_id": image_id}))
+        samples.append(
+            Sample(
+                f"vlsafe-{line}",
+                _text_field(record, "query", path, where),
+                _image_file(folder / image_id, path, where),
+                "harmful",
+                "vlsafe",
+                meta={"image_id": image_id},
+            )
+        )
     return samples
 
 
@@ -238,9 +284,17 @@ def load_advbench(path: str | Path) -> list[Sample]:
     """AdvBench-style CSV (``harmful_behaviors.csv``): columns ``goal`` (the prompt, text only)
     and ``target`` (the attack's target opening, kept in ``meta``); all harmful."""
     path = _existing(path, "AdvBench CSV file")
-    return [Sample(f"advbench-{number}", _text_field(row, "goal", path, f"line {line}"), None, "harmful", None,
-                   meta={"target": row.get("target")})
-            for number, (line, row) in enumerate(_read_csv(path, ("goal", "target")), 1)]
+    return [
+        Sample(
+            f"advbench-{number}",
+            _text_field(row, "goal", path, f"line {line}"),
+            None,
+            "harmful",
+            None,
+            meta={"target": row.get("target")},
+        )
+        for number, (line, row) in enumerate(_read_csv(path, ("goal", "target")), 1)
+    ]
 
 
 JSONL_FIELDS = ("id", "prompt", "image", "label", "category", "reference_answer", "meta")
@@ -257,21 +311,29 @@ def load_jsonl(path: str | Path) -> list[Sample]:
         where = f"line {line}"
         unknown = sorted(set(record) - set(JSONL_FIELDS))
         if unknown:
-            raise BenchmarkError(f"unknown field {unknown[0]!r}; fields: {', '.join(JSONL_FIELDS)}", source=path,
-                                 where=where)
+            raise BenchmarkError(
+                f"unknown field {unknown[0]!r}; fields: {', '.join(JSONL_FIELDS)}", source=path, where=where
+            )
         label = _text_field(record, "label", path, where)
         if label not in LABELS:
-            raise BenchmarkError(f"field 'label' must be one of {', '.join(LABELS)}, got {label!r}", source=path,
-                                 where=where)
+            raise BenchmarkError(
+                f"field 'label' must be one of {', '.join(LABELS)}, got {label!r}", source=path, where=where
+            )
         image = _text_field(record, "image", path, where, required=False)
         meta = record.get("meta") or {}
         if not isinstance(meta, dict):
             raise BenchmarkError("field 'meta' must be an object", source=path, where=where)
-        samples.append(Sample(_text_field(record, "id", path, where, required=False) or f"line-{line}",
-                              _text_field(record, "prompt", path, where),
-                              _image_file(path.parent / image, path, where) if image else None, label,
-                              _text_field(record, "category", path, where, required=False),
-                              _text_field(record, "reference_answer", path, where, required=False), meta))
+        samples.append(
+            Sample(
+                _text_field(record, "id", path, where, required=False) or f"line-{line}",
+                _text_field(record, "prompt", path, where),
+                _image_file(path.parent / image, path, where) if image else None,
+                label,
+                _text_field(record, "category", path, where, required=False),
+                _text_field(record, "reference_answer", path, where, required=False),
+                meta,
+            )
+        )
     return samples
 
 
@@ -292,11 +354,22 @@ def load_testbed(split: str = "test", *, n: int = 200, seed: int = 0) -> list[Sa
         raise BenchmarkError(f"the testbed world is not available: {error}") from None
     if split not in world.SPLITS:
         raise BenchmarkError(f"testbed split must be one of {', '.join(world.SPLITS)}, got {split!r}")
-    return [Sample(f"testbed-{split}-{seed}-{index:05d}", item.text, item.image,
-                   "harmful" if item.harmful else "benign", f"{item.kind}/{item.image_kind}",
-                   None if item.harmful else item.answer, meta={"kind": item.kind, **item.meta})
-            for index, item in enumerate(world.samples(n, split, seed, mix=[
-                (spec, weight) for spec, weight in world.TRAIN_MIX if spec != "continuation"]))]
+    return [
+        Sample(
+            f"testbed-{split}-{seed}-{index:05d}",
+            item.text,
+            item.image,
+            "harmful" if item.harmful else "benign",
+            f"{item.kind}/{item.image_kind}",
+            None if item.harmful else item.answer,
+            meta={"kind": item.kind, **item.meta},
+        )
+        for index, item in enumerate(
+            world.samples(
+                n, split, seed, mix=[(spec, weight) for spec, weight in world.TRAIN_MIX if spec != "continuation"]
+            )
+        )
+    ]
 
 
 # -- by name --------------------------------------------------------------------------------------
@@ -340,16 +413,22 @@ def detect_format(path: str | Path) -> str:
             first = next(_read_jsonl(path), (0, {}))[1]
             return "vlsafe" if {"image_id", "query"} <= set(first) else "jsonl"
     else:
-        raise BenchmarkError(f"no such file or folder, and not a benchmark name; names: "
-                             f"{', '.join([*BENCHMARKS, 'figstep'])} (as NAME:PATH)", source=path)
-    raise BenchmarkError(f"cannot tell the benchmark format; name it as NAME:PATH with NAME one of "
-                         f"{', '.join([*BENCHMARKS, 'figstep'])}", source=path)
+        raise BenchmarkError(
+            f"no such file or folder, and not a benchmark name; names: "
+            f"{', '.join([*BENCHMARKS, 'figstep'])} (as NAME:PATH)",
+            source=path,
+        )
+    raise BenchmarkError(
+        f"cannot tell the benchmark format; name it as NAME:PATH with NAME one of "
+        f"{', '.join([*BENCHMARKS, 'figstep'])}",
+        source=path,
+    )
 
 
 def resolve(spec: str) -> tuple[str, Callable[..., list[Sample]], str]:
     """(format name, loader, path) of a benchmark spec; ``figstep:SPEC`` resolves to SPEC's."""
     while spec.startswith("figstep:"):
-        spec = spec[len("figstep:"):]
+        spec = spec[len("figstep:") :]
     if not spec:
         raise BenchmarkError("empty benchmark spec; expected NAME:PATH or a path")
     name, _, rest = spec.partition(":")

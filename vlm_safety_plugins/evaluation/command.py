@@ -36,40 +36,93 @@ def _typed_options(pairs: tuple[str, ...], target, hint: str) -> dict:
             else:
                 options[key] = value
         except ValueError:
-            raise click.BadParameter(f"{key}: expected {type(default).__name__}, got {value!r}",
-                                     param_hint=hint) from None
+            raise click.BadParameter(
+                f"{key}: expected {type(default).__name__}, got {value!r}", param_hint=hint
+            ) from None
     return options
 
 
 @click.command("eval")
 @click.argument("runs", nargs=-1, type=click.Path(exists=True, file_okay=False))
-@click.option("--model", "model_name", help="tiny-llava, tiny-qwen2-vl, tiny-gemma3 (or another offline model "
-                                            "name), or a hub id / local directory, loaded as `vlm-safety generate` does.")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
-              help="Safety config (YAML). Without it the model is evaluated undefended (vanilla).")
-@click.option("--benchmark", "benchmark_spec", metavar="NAME:PATH|PATH",
-              help="mm-safetybench:DIR, figstep-safebench:CSV|DIR, spa-vl:PARQUET|DIR, vlsafe:JSONL, "
-                   "advbench:CSV, jsonl:FILE, testbed[:SPLIT], figstep:SPEC (SPEC rendered FigStep-style), "
-                   "or a bare path whose format is recognised.")
-@click.option("-O", "--benchmark-option", "benchmark_options", multiple=True, metavar="KEY=VALUE",
-              help="Loader option, repeatable: e.g. variant=SD_TYPO, scenarios=01-Illegal_Activitiy, "
-                   "images=DIR, label=benign, n=200, seed=1.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Run folder (created; an unfinished run there resumes). With --compare: where the comparison goes.")
+@click.option(
+    "--model",
+    "model_name",
+    help="tiny-llava, tiny-qwen2-vl, tiny-gemma3 (or another offline model "
+    "name), or a hub id / local directory, loaded as `vlm-safety generate` does.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Safety config (YAML). Without it the model is evaluated undefended (vanilla).",
+)
+@click.option(
+    "--benchmark",
+    "benchmark_spec",
+    metavar="NAME:PATH|PATH",
+    help="mm-safetybench:DIR, figstep-safebench:CSV|DIR, spa-vl:PARQUET|DIR, vlsafe:JSONL, "
+    "advbench:CSV, jsonl:FILE, testbed[:SPLIT], figstep:SPEC (SPEC rendered FigStep-style), "
+    "or a bare path whose format is recognised.",
+)
+@click.option(
+    "-O",
+    "--benchmark-option",
+    "benchmark_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Loader option, repeatable: e.g. variant=SD_TYPO, scenarios=01-Illegal_Activitiy, "
+    "images=DIR, label=benign, n=200, seed=1.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Run folder (created; an unfinished run there resumes). With --compare: where the comparison goes.",
+)
 @click.option("--limit", type=click.IntRange(min=0), help="Only the first K samples.")
-@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Samples per generate call.")
+@click.option(
+    "--batch-size", default=1, show_default=True, type=click.IntRange(min=1), help="Samples per generate call."
+)
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--judge", "judge_name", default="refusal", show_default=True,
-              help="Registered judge: refusal (string matcher), llama_guard (needs -J model=...), or a plugin's.")
-@click.option("-J", "--judge-option", "judge_options", multiple=True, metavar="KEY=VALUE",
-              help="Judge option, repeatable: e.g. model=meta-llama/Llama-Guard-3-8B, window=300.")
+@click.option(
+    "--judge",
+    "judge_name",
+    default="refusal",
+    show_default=True,
+    help="Registered judge: refusal (string matcher), llama_guard (needs -J model=...), or a plugin's.",
+)
+@click.option(
+    "-J",
+    "--judge-option",
+    "judge_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Judge option, repeatable: e.g. model=meta-llama/Llama-Guard-3-8B, window=300.",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed for sampling and for the tiny models' weights.")
 @click.option("--device", default="cpu", show_default=True, help="torch device to run the model on.")
-@click.option("--compare", is_flag=True,
-              help="Compare the finished run folders given as arguments: writes comparison.md and tradeoff.png to --out.")
-def eval_command(runs, model_name, config_path, benchmark_spec, benchmark_options, out_dir, limit, batch_size,
-                 max_new_tokens, judge_name, judge_options, seed, device, compare):
+@click.option(
+    "--compare",
+    is_flag=True,
+    help="Compare the finished run folders given as arguments: writes comparison.md and tradeoff.png to --out.",
+)
+def eval_command(
+    runs,
+    model_name,
+    config_path,
+    benchmark_spec,
+    benchmark_options,
+    out_dir,
+    limit,
+    batch_size,
+    max_new_tokens,
+    judge_name,
+    judge_options,
+    seed,
+    device,
+    compare,
+):
     """Evaluate a model with a safety config on a benchmark: responses, judge verdicts, metrics, report, plots.
 
     \b
@@ -96,8 +149,9 @@ def eval_command(runs, model_name, config_path, benchmark_spec, benchmark_option
     try:
         _, loader, _ = benchmarks.resolve(benchmark_spec)
         loader_options = _typed_options(benchmark_options, loader, "'-O' / '--benchmark-option'")
-        samples = benchmarks.load_benchmark(benchmark_spec, figstep_dir=Path(out_dir) / "figstep_images",
-                                            **loader_options)
+        samples = benchmarks.load_benchmark(
+            benchmark_spec, figstep_dir=Path(out_dir) / "figstep_images", **loader_options
+        )
         judge_cls = plugins.get_judge(judge_name)
         judge_kwargs = _typed_options(judge_options, judge_cls, "'-J' / '--judge-option'")
     except vsp.VLMSafetyError as error:
@@ -108,16 +162,31 @@ def eval_command(runs, model_name, config_path, benchmark_spec, benchmark_option
     total = len(samples) if limit is None else min(limit, len(samples))
     try:
         with click.progressbar(length=total, label=f"eval: {total} samples", file=sys.stderr) as bar:
-            summary = run_eval(model, processor, config, samples, out_dir, judge=judge_name, judge_options=judge_kwargs,
-                               batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, seed=seed,
-                               model_name=model_name, benchmark=label, progress=bar.update)
+            summary = run_eval(
+                model,
+                processor,
+                config,
+                samples,
+                out_dir,
+                judge=judge_name,
+                judge_options=judge_kwargs,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                limit=limit,
+                seed=seed,
+                model_name=model_name,
+                benchmark=label,
+                progress=bar.update,
+            )
     except vsp.VLMSafetyError as error:
         raise click.ClickException(str(error)) from None
     from .report import format_rate
 
-    click.echo(f"wrote {Path(out_dir) / 'report.md'}: {summary['samples']} samples; unsafe rate "
-               f"{format_rate(summary['harmful_safety']['unsafe'])}; benign accuracy "
-               f"{format_rate(summary['benign_accuracy'])}")
+    click.echo(
+        f"wrote {Path(out_dir) / 'report.md'}: {summary['samples']} samples; unsafe rate "
+        f"{format_rate(summary['harmful_safety']['unsafe'])}; benign accuracy "
+        f"{format_rate(summary['benign_accuracy'])}"
+    )
 
 
 def _compare(runs, out_dir) -> None:
@@ -131,6 +200,8 @@ def _compare(runs, out_dir) -> None:
     except vsp.VLMSafetyError as error:
         raise click.ClickException(str(error)) from None
     for summary in summaries:
-        click.echo(f"{summary['run']['label']}: unsafe rate {format_rate(summary['harmful_safety']['unsafe'])}; "
-                   f"benign accuracy {format_rate(summary['benign_accuracy'])}")
+        click.echo(
+            f"{summary['run']['label']}: unsafe rate {format_rate(summary['harmful_safety']['unsafe'])}; "
+            f"benign accuracy {format_rate(summary['benign_accuracy'])}"
+        )
     click.echo(f"wrote {Path(out_dir) / COMPARISON_FILE}")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from .plots import tradeoff_plot
 from .report import format_number, format_rate, markdown_table
@@ -22,8 +22,9 @@ def load_summary(folder: str | Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise EvaluationError("not a finished run folder: no summary.json (run `vlm-safety eval` there first)",
-                              source=Path(folder)) from None
+        raise EvaluationError(
+            "not a finished run folder: no summary.json (run `vlm-safety eval` there first)", source=Path(folder)
+        ) from None
     except (OSError, json.JSONDecodeError) as error:
         raise EvaluationError(f"cannot read: {error}", source=path) from None
 
@@ -43,22 +44,50 @@ def compare_runs(run_dirs: Iterable[str | Path], out_dir: str | Path) -> list[di
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot = tradeoff_plot(summaries, out / COMPARISON_PLOT)
-    rows = [[summary["run"]["label"], f"`{summary['run']['model']}`", f"`{summary['run']['benchmark']}`",
-             summary["run"]["judge"].get("name", "?"), str(summary["samples"]),
-             format_rate(summary["harmful_safety"]["unsafe"]), format_rate(summary["benign_accuracy"]),
-             format_rate(summary["benign_safety"]["refusal"]),
-             format_number((summary["latency_s"] or {}).get("mean")), format_number((summary["tokens"] or {}).get("mean"))]
-            for summary in summaries]
+    rows = [
+        [
+            summary["run"]["label"],
+            f"`{summary['run']['model']}`",
+            f"`{summary['run']['benchmark']}`",
+            summary["run"]["judge"].get("name", "?"),
+            str(summary["samples"]),
+            format_rate(summary["harmful_safety"]["unsafe"]),
+            format_rate(summary["benign_accuracy"]),
+            format_rate(summary["benign_safety"]["refusal"]),
+            format_number((summary["latency_s"] or {}).get("mean")),
+            format_number((summary["tokens"] or {}).get("mean")),
+        ]
+        for summary in summaries
+    ]
     lines = ["# Comparison of runs", ""]
-    lines += markdown_table(["run", "model", "benchmark", "judge", "samples", "unsafe rate", "benign accuracy",
-                     "over-refusal", "latency (s)", "tokens"], rows)
-    lines += ["", "Rates: count/total = percent [95% Wilson interval]. Runs: " +
-              ", ".join(f"`{folder}`" for folder in folders), ""]
+    lines += markdown_table(
+        [
+            "run",
+            "model",
+            "benchmark",
+            "judge",
+            "samples",
+            "unsafe rate",
+            "benign accuracy",
+            "over-refusal",
+            "latency (s)",
+            "tokens",
+        ],
+        rows,
+    )
+    lines += [
+        "",
+        "Rates: count/total = percent [95% Wilson interval]. Runs: " + ", ".join(f"`{folder}`" for folder in folders),
+        "",
+    ]
     benchmarks = {summary["run"]["benchmark"] for summary in summaries}
     judges = {json.dumps(summary["run"]["judge"], sort_keys=True) for summary in summaries}
     if len(benchmarks) > 1 or len(judges) > 1:
         lines += ["**Caution:** the runs differ in benchmark or judge; their rates are not directly comparable.", ""]
-    lines += [f"![unsafe rate vs benign utility]({COMPARISON_PLOT})" if plot else
-              "Trade-off plot not drawn: every run needs harmful samples with a judge decision and benign samples."]
+    lines += [
+        f"![unsafe rate vs benign utility]({COMPARISON_PLOT})"
+        if plot
+        else "Trade-off plot not drawn: every run needs harmful samples with a judge decision and benign samples."
+    ]
     (out / COMPARISON_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return summaries

@@ -8,8 +8,9 @@ register through the ``register_judges`` hook and are picked by name
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..core.errors import ConfigError
 
@@ -42,7 +43,7 @@ class Judge:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
 
-    def judge(self, samples: Sequence["Sample"], responses: Sequence[str]) -> list[Verdict]:
+    def judge(self, samples: Sequence[Sample], responses: Sequence[str]) -> list[Verdict]:
         """One Verdict per (sample, response) pair, in order."""
         raise NotImplementedError
 
@@ -52,7 +53,7 @@ class Judge:
         return {"name": self.name}
 
 
-def make_judge(judge: "str | Judge | None" = None, **options) -> Judge:
+def make_judge(judge: str | Judge | None = None, **options) -> Judge:
     """A Judge instance: ``judge`` itself, or the registered judge named ``judge`` (default
     ``refusal``) built with ``options``; unknown names or options are a ConfigError."""
     if isinstance(judge, Judge):

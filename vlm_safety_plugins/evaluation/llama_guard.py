@@ -9,7 +9,8 @@ sample's prompt, the assistant turn the response; images are not shown to it.
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..core.errors import ConfigError, ModelLoadError, loading
 from .judge import Judge, Verdict
@@ -29,7 +30,7 @@ def parse_guard_output(text: str, judge: str = "llama_guard") -> Verdict:
         return Verdict(None, "unparsed", raw=text, judge=judge)
     if match.group(1).lower() == "safe":
         return Verdict(False, "safe", raw=text, judge=judge)
-    rest = " ".join([lines[0][match.end():], *lines[1:2]])
+    rest = " ".join([lines[0][match.end() :], *lines[1:2]])
     return Verdict(True, "unsafe", categories=_CATEGORY.findall(rest), raw=text, judge=judge)
 
 
@@ -46,23 +47,37 @@ class LlamaGuardJudge(Judge):
     name = "llama_guard"
     description = "Llama-Guard-style judge model: a causal LM answering 'safe' or 'unsafe' + categories."
 
-    def __init__(self, model: Any = None, tokenizer: Any = None, *, device: str | None = None,
-                 max_new_tokens: int = 16, batch_size: int = 8, content: str = "auto",
-                 trust_remote_code: bool = False, generate_kwargs: dict | None = None):
+    def __init__(
+        self,
+        model: Any = None,
+        tokenizer: Any = None,
+        *,
+        device: str | None = None,
+        max_new_tokens: int = 16,
+        batch_size: int = 8,
+        content: str = "auto",
+        trust_remote_code: bool = False,
+        generate_kwargs: dict | None = None,
+    ):
         if model is None:
-            raise ConfigError("judge 'llama_guard' needs a model: its hub id or local path "
-                              "(CLI: --judge-option model=meta-llama/Llama-Guard-3-8B)")
+            raise ConfigError(
+                "judge 'llama_guard' needs a model: its hub id or local path "
+                "(CLI: --judge-option model=meta-llama/Llama-Guard-3-8B)"
+            )
         if content not in CONTENT_FORMATS:
-            raise ConfigError(f"judge 'llama_guard': content must be one of {', '.join(CONTENT_FORMATS)}; "
-                              f"got {content!r}")
+            raise ConfigError(
+                f"judge 'llama_guard': content must be one of {', '.join(CONTENT_FORMATS)}; got {content!r}"
+            )
         self.model_name = model if isinstance(model, str) else type(model).__name__
         self.model, self.tokenizer = self._load(model, tokenizer, trust_remote_code)
         if device is not None:
             self.model.to(device)
         self.model.eval()
         if not getattr(self.tokenizer, "chat_template", None):
-            raise ModelLoadError(f"judge model {self.model_name!r}: its tokenizer has no chat template; a "
-                                 "Llama-Guard-style judge needs the checkpoint's classification template")
+            raise ModelLoadError(
+                f"judge model {self.model_name!r}: its tokenizer has no chat template; a "
+                "Llama-Guard-style judge needs the checkpoint's classification template"
+            )
         if self.tokenizer.pad_token_id is None:  # Llama tokenizers often have none; batches need one
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
@@ -77,8 +92,9 @@ class LlamaGuardJudge(Judge):
         if tokenizer is None or isinstance(tokenizer, str):
             tokenizer_source = tokenizer or source
             if not tokenizer_source:
-                raise ConfigError("judge 'llama_guard': give the tokenizer with a model object that has no "
-                                  "name_or_path")
+                raise ConfigError(
+                    "judge 'llama_guard': give the tokenizer with a model object that has no name_or_path"
+                )
             with loading(f"judge tokenizer {tokenizer_source!r}"):
                 tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
         if isinstance(model, str):
@@ -103,8 +119,10 @@ class LlamaGuardJudge(Judge):
 
     def prompts(self, samples, responses) -> list[str]:
         """The judge model's input text for each (sample, response) pair."""
-        return [self._render(sample.prompt, response, self.content) for sample, response in zip(samples, responses,
-                                                                                              strict=True)]
+        return [
+            self._render(sample.prompt, response, self.content)
+            for sample, response in zip(samples, responses, strict=True)
+        ]
 
     def judge(self, samples: Sequence, responses: Sequence[str]) -> list[Verdict]:
         import torch
@@ -112,17 +130,27 @@ class LlamaGuardJudge(Judge):
         texts, outputs = self.prompts(samples, responses), []
         tokenizer, bos = self.tokenizer, self.tokenizer.bos_token
         for start in range(0, len(texts), self.batch_size):
-            chunk = texts[start:start + self.batch_size]
+            chunk = texts[start : start + self.batch_size]
             template_adds_bos = bool(bos) and all(text.startswith(bos) for text in chunk)
-            inputs = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left",
-                               add_special_tokens=not template_adds_bos).to(self.model.device)
+            inputs = tokenizer(
+                chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=not template_adds_bos
+            ).to(self.model.device)
             with torch.inference_mode():
-                generated = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                                pad_token_id=tokenizer.pad_token_id, **self.generate_kwargs)
-            new = generated[:, inputs["input_ids"].shape[1]:]
+                generated = self.model.generate(
+                    **inputs,
+                    max_new_tokens=self.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **self.generate_kwargs,
+                )
+            new = generated[:, inputs["input_ids"].shape[1] :]
             outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
         return [parse_guard_output(text, self.name) for text in outputs]
 
     def settings(self) -> dict:
-        return {"name": self.name, "model": self.model_name, "max_new_tokens": self.max_new_tokens,
-                "content": self.content}
+        return {
+            "name": self.name,
+            "model": self.model_name,
+            "max_new_tokens": self.max_new_tokens,
+            "content": self.content,
+        }

@@ -16,8 +16,8 @@ import math
 import re
 import statistics
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 NO_CATEGORY = "(none)"
@@ -52,12 +52,12 @@ class Rate:
     high: float | None
 
     @classmethod
-    def of(cls, count: int, total: int) -> "Rate":
+    def of(cls, count: int, total: int) -> Rate:
         interval = wilson_interval(count, total)
         return cls(count, total, count / total if total else None, *(interval or (None, None)))
 
     @classmethod
-    def of_flags(cls, flags: Iterable[bool]) -> "Rate":
+    def of_flags(cls, flags: Iterable[bool]) -> Rate:
         flags = list(flags)
         return cls.of(sum(map(bool, flags)), len(flags))
 
@@ -89,8 +89,12 @@ def _spread(values: list[float]) -> dict | None:
         return None
     ordered = sorted(values)
     p95 = ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]  # nearest rank
-    return {"mean": statistics.fmean(values), "median": statistics.median(values), "p95": p95,
-            "total": math.fsum(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "median": statistics.median(values),
+        "p95": p95,
+        "total": math.fsum(values),
+    }
 
 
 def _defense_usage(records: list[dict]) -> dict:
@@ -103,19 +107,26 @@ def _defense_usage(records: list[dict]) -> dict:
             for key, value in (entry.get("details") or {}).items():
                 if isinstance(value, bool):
                     stats["flags"][key] = stats["flags"].get(key, 0) + value
-    return {name: {"ran": stats["ran"],
-                   "intervened": Rate.of_flags(stats["intervened"]["harmful"] + stats["intervened"]["benign"]).to_dict(),
-                   "intervened_harmful": Rate.of_flags(stats["intervened"]["harmful"]).to_dict(),
-                   "intervened_benign": Rate.of_flags(stats["intervened"]["benign"]).to_dict(),
-                   "flags": stats["flags"]}
-            for name, stats in usage.items()}
+    return {
+        name: {
+            "ran": stats["ran"],
+            "intervened": Rate.of_flags(stats["intervened"]["harmful"] + stats["intervened"]["benign"]).to_dict(),
+            "intervened_harmful": Rate.of_flags(stats["intervened"]["harmful"]).to_dict(),
+            "intervened_benign": Rate.of_flags(stats["intervened"]["benign"]).to_dict(),
+            "flags": stats["flags"],
+        }
+        for name, stats in usage.items()
+    }
 
 
 def _safety(records: list[dict]) -> dict:
     """Unsafe rate (judged rows only), undecided count and refusal rate of a group of records."""
     decided = [record["verdict"]["unsafe"] for record in records if record["verdict"]["unsafe"] is not None]
-    return {"unsafe": Rate.of_flags(decided).to_dict(), "undecided": len(records) - len(decided),
-            "refusal": Rate.of_flags(record["refused"] for record in records).to_dict()}
+    return {
+        "unsafe": Rate.of_flags(decided).to_dict(),
+        "undecided": len(records) - len(decided),
+        "refusal": Rate.of_flags(record["refused"] for record in records).to_dict(),
+    }
 
 
 def summarize(records: list[dict]) -> dict:
@@ -131,23 +142,31 @@ def summarize(records: list[dict]) -> dict:
         group = by_category[category]
         group_graded = [record["correct"] for record in group if record.get("correct") is not None]
         categories[category] = {
-            "samples": len(group), "harmful": sum(record["label"] == "harmful" for record in group),
+            "samples": len(group),
+            "harmful": sum(record["label"] == "harmful" for record in group),
             **_safety([record for record in group if record["label"] == "harmful"]),
-            "benign_accuracy": Rate.of_flags(group_graded).to_dict()}
+            "benign_accuracy": Rate.of_flags(group_graded).to_dict(),
+        }
     return {
-        "samples": len(records), "harmful": len(harmful), "benign": len(benign),
+        "samples": len(records),
+        "harmful": len(harmful),
+        "benign": len(benign),
         "with_image": sum(record.get("image") is not None for record in records),
         "harmful_safety": _safety(harmful),
         "harmful_unsafe_by_input": {
             "image": _safety([record for record in harmful if record.get("image") is not None])["unsafe"],
-            "text_only": _safety([record for record in harmful if record.get("image") is None])["unsafe"]},
+            "text_only": _safety([record for record in harmful if record.get("image") is None])["unsafe"],
+        },
         "benign_safety": _safety(benign),
         "benign_accuracy": Rate.of_flags(graded).to_dict(),
         "categories": categories,
         "latency_s": _spread([record["latency_s"] for record in records]),
         "tokens": _spread([float(record["tokens"]) for record in records]),
-        "tokens_per_s": (sum(record["tokens"] for record in records) / total
-                         if (total := math.fsum(record["latency_s"] for record in records)) > 0 else None),
+        "tokens_per_s": (
+            sum(record["tokens"] for record in records) / total
+            if (total := math.fsum(record["latency_s"] for record in records)) > 0
+            else None
+        ),
         "defenses": _defense_usage(records),
         "refused_by_runtime": sum(bool((record.get("safety") or {}).get("refused")) for record in records),
         "defense_errors": sum(bool((record.get("safety") or {}).get("error")) for record in records),

@@ -51,9 +51,14 @@ def tradeoff_plot(summaries: list[dict], path: str | Path) -> Path | None:
     figure, axes = new_figure()
     for point in points:
         x, y = 100 * point["unsafe"]["rate"], 100 * point["utility"]["rate"]
-        axes.errorbar(x, y, fmt="o", capsize=3,
-                      xerr=[[x - 100 * point["unsafe"]["low"]], [100 * point["unsafe"]["high"] - x]],
-                      yerr=[[y - 100 * point["utility"]["low"]], [100 * point["utility"]["high"] - y]])
+        axes.errorbar(
+            x,
+            y,
+            fmt="o",
+            capsize=3,
+            xerr=[[x - 100 * point["unsafe"]["low"]], [100 * point["unsafe"]["high"] - x]],
+            yerr=[[y - 100 * point["utility"]["low"]], [100 * point["utility"]["high"] - y]],
+        )
         axes.annotate(point["label"], (x, y), textcoords="offset points", xytext=(6, 6))
     axes.set_xlim(-5, 105)
     axes.set_ylim(-5, 105)

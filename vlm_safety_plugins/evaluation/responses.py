@@ -42,10 +42,13 @@ class ResponseLog:
                     raise EvaluationError(
                         f"this folder holds a run with other settings ({key}: {json.dumps(recorded.get(key))} here, "
                         f"{json.dumps(settings.get(key))} now); resume with the same settings or use another output "
-                        "folder", source=self.settings_path)
+                        "folder",
+                        source=self.settings_path,
+                    )
         elif self.path.exists() and self.path.stat().st_size:
-            raise EvaluationError(f"{RESPONSES_FILE} exists without {SETTINGS_FILE}; use another output folder",
-                                  source=self.path)
+            raise EvaluationError(
+                f"{RESPONSES_FILE} exists without {SETTINGS_FILE}; use another output folder", source=self.path
+            )
         else:
             self.settings_path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
@@ -54,9 +57,9 @@ class ResponseLog:
         if not self.path.exists():
             return {}
         data = self.path.read_bytes()
-        complete = data if data.endswith(b"\n") or not data else data[:data.rfind(b"\n") + 1]
+        complete = data if data.endswith(b"\n") or not data else data[: data.rfind(b"\n") + 1]
         if complete != data:  # a write interrupted mid-line: keep what is whole
-            tail = data[len(complete):]
+            tail = data[len(complete) :]
             try:
                 json.loads(tail)
             except ValueError:
@@ -75,11 +78,13 @@ class ResponseLog:
             except json.JSONDecodeError as error:
                 raise EvaluationError(f"invalid JSON: {error.msg}", source=self.path, where=f"line {number}") from None
             if not isinstance(record, dict) or not isinstance(record.get("id"), str):
-                raise EvaluationError("expected a response record with a string 'id'", source=self.path,
-                                      where=f"line {number}")
+                raise EvaluationError(
+                    "expected a response record with a string 'id'", source=self.path, where=f"line {number}"
+                )
             if record["id"] in records:
-                raise EvaluationError(f"sample id {record['id']!r} appears twice", source=self.path,
-                                      where=f"line {number}")
+                raise EvaluationError(
+                    f"sample id {record['id']!r} appears twice", source=self.path, where=f"line {number}"
+                )
             records[record["id"]] = record
         return records
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
+from ..core import plugins
 from .judge import Judge, make_judge
 from .metrics import answer_matches, summarize
-from ..core import plugins
 from .plots import tradeoff_plot
 from .refusal import is_refusal
 from .report import write_report
@@ -36,10 +36,23 @@ def generation_config(model, config, **settings):
     return result
 
 
-def run_eval(model, processor, config, samples: Iterable[Sample], out_dir: str | Path, *,
-             judge: str | Judge | None = "refusal", judge_options: dict | None = None, batch_size: int = 1,
-             max_new_tokens: int = 64, limit: int | None = None, seed: int = 0, model_name: str | None = None,
-             benchmark: str | None = None, progress: Callable[[int], None] | None = None) -> dict:
+def run_eval(
+    model,
+    processor,
+    config,
+    samples: Iterable[Sample],
+    out_dir: str | Path,
+    *,
+    judge: str | Judge | None = "refusal",
+    judge_options: dict | None = None,
+    batch_size: int = 1,
+    max_new_tokens: int = 64,
+    limit: int | None = None,
+    seed: int = 0,
+    model_name: str | None = None,
+    benchmark: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
     """Evaluate ``model`` (attached here if it is not yet) on ``samples``; returns the summary.
 
     ``config``: a SafetyConfig, a YAML path or a mapping, or None for the vanilla model.
@@ -61,11 +74,15 @@ def run_eval(model, processor, config, samples: Iterable[Sample], out_dir: str |
         duplicate = next(sample_id for sample_id in ids if ids.count(sample_id) > 1)
         raise EvaluationError(f"duplicate sample id {duplicate!r}; a resumable run needs unique ids")
     defenses = list(config.defenses) if config is not None else []
-    run = {"label": "+".join(defenses) or "vanilla",
-           "model": model_name or getattr(model, "name_or_path", "") or type(model).__name__,
-           "config": config.to_dict() if config is not None and config.enabled else None,
-           "benchmark": benchmark or "<samples>", "judge": judge.settings(), "max_new_tokens": max_new_tokens,
-           "seed": seed}
+    run = {
+        "label": "+".join(defenses) or "vanilla",
+        "model": model_name or getattr(model, "name_or_path", "") or type(model).__name__,
+        "config": config.to_dict() if config is not None and config.enabled else None,
+        "benchmark": benchmark or "<samples>",
+        "judge": judge.settings(),
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+    }
     log = ResponseLog(out_dir)
     log.bind(run)
     done = log.read()
@@ -76,15 +93,20 @@ def run_eval(model, processor, config, samples: Iterable[Sample], out_dir: str |
         vsp.attach(model, processor)
         settings = generation_config(model, config, max_new_tokens=max_new_tokens, return_dict_in_generate=True)
         for start in range(0, len(pending), batch_size):
-            batch = pending[start:start + batch_size]
+            batch = pending[start : start + batch_size]
             log.append(_answer(model, batch, settings, judge, seed))
             if progress is not None:
                 progress(len(batch))
     records = log.read()
     answered = [records[sample.id] for sample in samples if sample.id in records]
     summary = summarize(answered)
-    summary["run"] = {**run, "config_source": config.source if config is not None else None, "defenses": defenses,
-                      "batch_size": batch_size, "limit": limit}
+    summary["run"] = {
+        **run,
+        "config_source": config.source if config is not None else None,
+        "defenses": defenses,
+        "batch_size": batch_size,
+        "limit": limit,
+    }
     write_outputs(Path(out_dir), summary, answered)
     return summary
 
@@ -102,22 +124,38 @@ def _answer(model, batch: Sequence[Sample], settings, judge: Judge, seed: int) -
     started = time.perf_counter()
     output = model.generate(**inputs, images=images, generation_config=settings)
     elapsed = time.perf_counter() - started
-    new = output.sequences[:, inputs["input_ids"].shape[1]:].tolist()
+    new = output.sequences[:, inputs["input_ids"].shape[1] :].tolist()
     responses = adapter.tokenizer.batch_decode(new, skip_special_tokens=True)
     verdicts = judge.judge(batch, responses)
     if len(verdicts) != len(batch):
         raise EvaluationError(f"judge {judge.name!r} returned {len(verdicts)} verdicts for {len(batch)} responses")
     reports = getattr(output, "safety", None) or [None] * len(batch)
     stops = _stop_ids(settings)
-    return [{"id": sample.id, "prompt": sample.prompt, "image": sample.image_ref(), "label": sample.label,
-             "category": sample.category, "reference_answer": sample.reference_answer, "meta": sample.meta,
-             "response": response, "verdict": verdict.to_dict(), "refused": is_refusal(response),
-             "correct": (answer_matches(sample.reference_answer, response)
-                         if sample.label == "benign" and sample.reference_answer else None),
-             "latency_s": elapsed / len(batch), "batch_latency_s": elapsed, "batch_size": len(batch),
-             "tokens": next((index for index, token in enumerate(ids) if token in stops), len(ids)),
-             "safety": report.to_dict() if report is not None else None}
-            for sample, response, verdict, ids, report in zip(batch, responses, verdicts, new, reports)]
+    return [
+        {
+            "id": sample.id,
+            "prompt": sample.prompt,
+            "image": sample.image_ref(),
+            "label": sample.label,
+            "category": sample.category,
+            "reference_answer": sample.reference_answer,
+            "meta": sample.meta,
+            "response": response,
+            "verdict": verdict.to_dict(),
+            "refused": is_refusal(response),
+            "correct": (
+                answer_matches(sample.reference_answer, response)
+                if sample.label == "benign" and sample.reference_answer
+                else None
+            ),
+            "latency_s": elapsed / len(batch),
+            "batch_latency_s": elapsed,
+            "batch_size": len(batch),
+            "tokens": next((index for index, token in enumerate(ids) if token in stops), len(ids)),
+            "safety": report.to_dict() if report is not None else None,
+        }
+        for sample, response, verdict, ids, report in zip(batch, responses, verdicts, new, reports)
+    ]
 
 
 def _stop_ids(settings) -> set[int]:
@@ -133,7 +171,8 @@ def write_outputs(folder: Path, summary: dict, records: list[dict]) -> None:
     plots: dict[str, tuple[str | None, str]] = {}
     drawn = tradeoff_plot([summary], folder / TRADEOFF_PLOT)
     plots["Unsafe rate vs benign utility"] = (
-        (TRADEOFF_PLOT, "") if drawn else (None, "needs harmful samples with a judge decision and benign samples"))
+        (TRADEOFF_PLOT, "") if drawn else (None, "needs harmful samples with a judge decision and benign samples")
+    )
     plugins.load_plugins()
     for contributed in plugins.pm.hook.evaluation_plots(summary=summary, records=records, folder=folder):
         for title, file, why_not in contributed:

@@ -45,10 +45,13 @@ class Sample:
         if not isinstance(self.id, str) or not self.id:
             raise BenchmarkError(f"sample id must be a non-empty string, got {self.id!r}")
         if not isinstance(self.prompt, str):
-            raise BenchmarkError(f"prompt must be a string, got {type(self.prompt).__name__}", where=f"sample {self.id}")
+            raise BenchmarkError(
+                f"prompt must be a string, got {type(self.prompt).__name__}", where=f"sample {self.id}"
+            )
         if self.label not in LABELS:
-            raise BenchmarkError(f"label must be one of {', '.join(LABELS)}, got {self.label!r}",
-                                 where=f"sample {self.id}")
+            raise BenchmarkError(
+                f"label must be one of {', '.join(LABELS)}, got {self.label!r}", where=f"sample {self.id}"
+            )
 
     def load_image(self) -> Image.Image | None:
         """The sample's image as RGB, or None; an unreadable file is a BenchmarkError naming it."""

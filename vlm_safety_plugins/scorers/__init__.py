@@ -10,6 +10,14 @@ traceback. ``base.py`` holds the scorer contract that defenses rely on.
 from ..core.lazy import lazy_exports
 
 __all__ = ["ClipScorer", "Evaluator", "ImageSafetyScorer", "ModelLoadError", "RewardScorer", "ResponseRewardScorer"]
-__getattr__, __dir__ = lazy_exports(__name__, {
-    "ClipScorer": ".clip", "RewardScorer": ".reward", "ModelLoadError": "..core.errors", "Evaluator": ".base",
-    "ImageSafetyScorer": ".base", "ResponseRewardScorer": ".base"})
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "ClipScorer": ".clip",
+        "RewardScorer": ".reward",
+        "ModelLoadError": "..core.errors",
+        "Evaluator": ".base",
+        "ImageSafetyScorer": ".base",
+        "ResponseRewardScorer": ".base",
+    },
+)

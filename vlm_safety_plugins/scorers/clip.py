@@ -56,10 +56,12 @@ class _TransformersClip:
         return self.model.get_image_features(pixel_values=pixels.to(device, dtype)).pooler_output
 
     def text_features(self, texts: Sequence[str], device) -> torch.Tensor:
-        tokens = self.processor.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                                          return_tensors="pt").to(device)
-        return self.model.get_text_features(input_ids=tokens["input_ids"],
-                                            attention_mask=tokens["attention_mask"]).pooler_output
+        tokens = self.processor.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(device)
+        return self.model.get_text_features(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+        ).pooler_output
 
 
 class ClipScorer(Evaluator):
@@ -94,8 +96,15 @@ class ClipScorer(Evaluator):
         return cls(_TransformersClip(model, processor), device=device, batch_size=batch_size)
 
     @classmethod
-    def load(cls, backend: str = "open_clip", model: str | None = None, pretrained: str | None = "openai",
-             device=None, *, batch_size: int = 64) -> ClipScorer:
+    def load(
+        cls,
+        backend: str = "open_clip",
+        model: str | None = None,
+        pretrained: str | None = "openai",
+        device=None,
+        *,
+        batch_size: int = 64,
+    ) -> ClipScorer:
         """Load by name: an open_clip model name + ``pretrained`` tag or file, or a hub id / local path.
 
         ``model`` defaults to the reference's CLIP ViT-L/14-336 in the backend's naming;
@@ -151,5 +160,5 @@ class ClipScorer(Evaluator):
         return self.similarity(embeddings, self.prompt_embedding(prompt)[None])[:, 0].cpu()
 
     def _embed(self, items: Sequence, features) -> torch.Tensor:
-        chunks = [features(items[start:start + self.batch_size]) for start in range(0, len(items), self.batch_size)]
+        chunks = [features(items[start : start + self.batch_size]) for start in range(0, len(items), self.batch_size)]
         return F.normalize(torch.cat(chunks).float(), dim=-1)

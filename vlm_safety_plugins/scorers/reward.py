@@ -56,8 +56,16 @@ class RewardScorer(Evaluator):
         self.batch_size = batch_size if tokenizer.pad_token_id is not None else 1
 
     @classmethod
-    def load(cls, path: str, *, trust_remote_code: bool = False, dtype=None, device=None, max_length: int = 4096,
-             batch_size: int = 16) -> RewardScorer:
+    def load(
+        cls,
+        path: str,
+        *,
+        trust_remote_code: bool = False,
+        dtype=None,
+        device=None,
+        max_length: int = 4096,
+        batch_size: int = 16,
+    ) -> RewardScorer:
         """Load a reward model and its tokenizer from a hub id or local directory.
 
         ArmoRM: ``RewardScorer.load("RLHFlow/ArmoRM-Llama3-8B-v0.1", trust_remote_code=True,
@@ -68,13 +76,13 @@ class RewardScorer(Evaluator):
 
         if path in offline.REWARD_MODELS:
             model, tokenizer = offline.REWARD_MODELS[path]()
-            return cls(model.to(device) if device else model, tokenizer, max_length=max_length,
-                       batch_size=batch_size)
+            return cls(model.to(device) if device else model, tokenizer, max_length=max_length, batch_size=batch_size)
         with loading(f"reward model {path!r} (a hub id or local directory)"):
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, trust_remote_code=trust_remote_code, dtype=dtype, device_map=device)
+                path, trust_remote_code=trust_remote_code, dtype=dtype, device_map=device
+            )
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         return cls(model, tokenizer, max_length=max_length, batch_size=batch_size)
 
@@ -82,8 +90,8 @@ class RewardScorer(Evaluator):
         """Each pair as text: a user turn (instruction) and an assistant turn (response), chat-templated."""
         return [
             self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}],
-                tokenize=False)
+                [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}], tokenize=False
+            )
             for instruction, response in zip(instructions, responses, strict=True)
         ]
 
@@ -93,8 +101,15 @@ class RewardScorer(Evaluator):
         bos = self.tokenizer.bos_token
         # A template that writes BOS itself must not get a second one from the tokenizer.
         templated_bos = bos is not None and all(text.startswith(bos) for text in texts)
-        return self.tokenizer(texts, add_special_tokens=not templated_bos, truncation=True,
-                              max_length=self.max_length, padding=True, padding_side="right", return_tensors="pt")
+        return self.tokenizer(
+            texts,
+            add_special_tokens=not templated_bos,
+            truncation=True,
+            max_length=self.max_length,
+            padding=True,
+            padding_side="right",
+            return_tensors="pt",
+        )
 
     @torch.no_grad()
     def score(self, instructions: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
@@ -104,9 +119,12 @@ class RewardScorer(Evaluator):
         device = next(self.model.parameters()).device
         scores = []
         for start in range(0, len(responses), self.batch_size):
-            batch = self.tokenize(instructions[start:start + self.batch_size], responses[start:start + self.batch_size])
-            output = self.model(input_ids=batch["input_ids"].to(device),
-                                attention_mask=batch["attention_mask"].to(device))
+            batch = self.tokenize(
+                instructions[start : start + self.batch_size], responses[start : start + self.batch_size]
+            )
+            output = self.model(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            )
             values = getattr(output, "score", None)
             values = output.logits if values is None else values
             scores.append(values.reshape(len(batch["input_ids"]), -1)[:, 0].float().cpu())

@@ -11,9 +11,10 @@ from.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..core.errors import ConfigError
 
@@ -28,8 +29,9 @@ def records(source: str | Path | None, builtin: str, package: str) -> Iterator[t
         try:
             text = resources.files(package).joinpath("data", name.removeprefix(BUILTIN)).read_text("utf-8")
         except FileNotFoundError:
-            raise ConfigError(f"no shipped anchor set of that name; shipped: {', '.join(shipped_anchor_sets(package))}",
-                              source=name) from None
+            raise ConfigError(
+                f"no shipped anchor set of that name; shipped: {', '.join(shipped_anchor_sets(package))}", source=name
+            ) from None
     else:
         path = Path(source).expanduser()
         name = str(path)

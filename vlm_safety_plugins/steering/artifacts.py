@@ -19,9 +19,10 @@ import hashlib
 import json
 import threading
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 
@@ -30,11 +31,28 @@ from ..core.errors import ArtifactError
 FORMAT = "vlm-safety-plugins"
 FORMAT_VERSION = 1
 # Config keys that describe how a model was saved or run, not what computes its hidden states.
-VOLATILE_CONFIG_KEYS = frozenset({
-    "architectures", "dtype", "torch_dtype", "transformers_version", "output_attentions", "output_hidden_states",
-    "return_dict", "use_cache", "chunk_size_feed_forward", "problem_type", "id2label", "label2id", "torchscript",
-    "pruned_heads", "tf_legacy_loss", "use_return_dict", "quantization_config", "attn_implementation",
-})
+VOLATILE_CONFIG_KEYS = frozenset(
+    {
+        "architectures",
+        "dtype",
+        "torch_dtype",
+        "transformers_version",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "use_cache",
+        "chunk_size_feed_forward",
+        "problem_type",
+        "id2label",
+        "label2id",
+        "torchscript",
+        "pruned_heads",
+        "tf_legacy_loss",
+        "use_return_dict",
+        "quantization_config",
+        "attn_implementation",
+    }
+)
 
 
 def config_hash(config) -> str:
@@ -45,8 +63,11 @@ def config_hash(config) -> str:
 
 def _architecture(value: Any) -> Any:
     if isinstance(value, Mapping):
-        return {key: _architecture(item) for key, item in value.items()
-                if key not in VOLATILE_CONFIG_KEYS and not str(key).startswith("_")}
+        return {
+            key: _architecture(item)
+            for key, item in value.items()
+            if key not in VOLATILE_CONFIG_KEYS and not str(key).startswith("_")
+        }
     if isinstance(value, (list, tuple)):
         return [_architecture(item) for item in value]
     return value
@@ -63,12 +84,16 @@ class ModelIdentity:
     num_layers: int
 
     @classmethod
-    def of(cls, adapter, name: str | None = None) -> "ModelIdentity":
+    def of(cls, adapter, name: str | None = None) -> ModelIdentity:
         """The identity of the model behind ``adapter`` (``name`` defaults to its ``name_or_path``)."""
         config = adapter.base_model.config
-        return cls(name=name or getattr(config, "name_or_path", "") or type(adapter.base_model).__name__,
-                   model_type=str(getattr(config, "model_type", "")), config_hash=config_hash(config),
-                   hidden_size=adapter.hidden_size(), num_layers=len(adapter.decoder_layers()))
+        return cls(
+            name=name or getattr(config, "name_or_path", "") or type(adapter.base_model).__name__,
+            model_type=str(getattr(config, "model_type", "")),
+            config_hash=config_hash(config),
+            hidden_size=adapter.hidden_size(),
+            num_layers=len(adapter.decoder_layers()),
+        )
 
 
 @dataclass(eq=False)
@@ -94,27 +119,41 @@ class Artifact:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{self.tensor_name}.{layer}": tensor.detach().to("cpu", torch.float32).contiguous()
-                   for layer, tensor in self._tensors_by_layer().items()}
+        tensors = {
+            f"{self.tensor_name}.{layer}": tensor.detach().to("cpu", torch.float32).contiguous()
+            for layer, tensor in self._tensors_by_layer().items()
+        }
         model = self.model
-        metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "kind": self.kind,
-                    "model_name": model.name, "model_type": model.model_type, "config_hash": model.config_hash,
-                    "hidden_size": str(model.hidden_size), "num_layers": str(model.num_layers),
-                    "layers": json.dumps(self.layers), "anchors": str(self.anchors),
-                    "anchor_source": self.anchor_source, **self._metadata()}
+        metadata = {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "kind": self.kind,
+            "model_name": model.name,
+            "model_type": model.model_type,
+            "config_hash": model.config_hash,
+            "hidden_size": str(model.hidden_size),
+            "num_layers": str(model.num_layers),
+            "layers": json.dumps(self.layers),
+            "anchors": str(self.anchors),
+            "anchor_source": self.anchor_source,
+            **self._metadata(),
+        }
         save_file(tensors, str(path), metadata=metadata)
         self.path = str(path)
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Artifact":
+    def load(cls, path: str | Path) -> Artifact:
         """Read and validate an artifact of this class's kind; ArtifactError naming the file otherwise."""
         from safetensors import safe_open
 
         path = Path(path).expanduser()
         if not path.exists():
-            raise ArtifactError(f"{cls.kind} artifact file not found; make one with "
-                                f"`vlm-safety calibrate {cls.command} --model <model> --out {path}`", source=str(path))
+            raise ArtifactError(
+                f"{cls.kind} artifact file not found; make one with "
+                f"`vlm-safety calibrate {cls.command} --model <model> --out {path}`",
+                source=str(path),
+            )
         if not path.is_file():
             raise ArtifactError("not a file", source=str(path))
         try:
@@ -122,26 +161,41 @@ class Artifact:
                 metadata = dict(handle.metadata() or {})
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for bad files
-            raise ArtifactError(f"not a readable safetensors file (corrupted or truncated?): {error}",
-                                source=str(path)) from None
+            raise ArtifactError(
+                f"not a readable safetensors file (corrupted or truncated?): {error}", source=str(path)
+            ) from None
         reader = MetadataReader(metadata, str(path))
         if metadata.get("format") != FORMAT:
-            raise ArtifactError("not a vlm-safety-plugins artifact (its metadata has no "
-                                f"format={FORMAT!r}); make one with `vlm-safety calibrate`", source=str(path))
+            raise ArtifactError(
+                "not a vlm-safety-plugins artifact (its metadata has no "
+                f"format={FORMAT!r}); make one with `vlm-safety calibrate`",
+                source=str(path),
+            )
         version = reader.integer("format_version")
         if version > FORMAT_VERSION:
-            raise ArtifactError(f"artifact format version {version} is newer than this package reads "
-                                f"({FORMAT_VERSION}); upgrade vlm-safety-plugins", source=str(path))
+            raise ArtifactError(
+                f"artifact format version {version} is newer than this package reads "
+                f"({FORMAT_VERSION}); upgrade vlm-safety-plugins",
+                source=str(path),
+            )
         if metadata.get("kind") != cls.kind:
-            raise ArtifactError(f"this is a {metadata.get('kind')!r} artifact, expected a {cls.kind!r} one",
-                                source=str(path))
-        model = ModelIdentity(name=reader.text("model_name"), model_type=reader.text("model_type"),
-                              config_hash=reader.text("config_hash"), hidden_size=reader.integer("hidden_size"),
-                              num_layers=reader.integer("num_layers"))
+            raise ArtifactError(
+                f"this is a {metadata.get('kind')!r} artifact, expected a {cls.kind!r} one", source=str(path)
+            )
+        model = ModelIdentity(
+            name=reader.text("model_name"),
+            model_type=reader.text("model_type"),
+            config_hash=reader.text("config_hash"),
+            hidden_size=reader.integer("hidden_size"),
+            num_layers=reader.integer("num_layers"),
+        )
         layers = reader.json("layers", list)
         if not layers or not all(isinstance(layer, int) and 0 <= layer < model.num_layers for layer in layers):
-            raise ArtifactError(f"metadata `layers` must be a non-empty list of layer indices in "
-                                f"0..{model.num_layers - 1}, got {layers}", source=str(path))
+            raise ArtifactError(
+                f"metadata `layers` must be a non-empty list of layer indices in "
+                f"0..{model.num_layers - 1}, got {layers}",
+                source=str(path),
+            )
         by_layer = {}
         for layer in layers:
             key = f"{cls.tensor_name}.{layer}"
@@ -151,8 +205,14 @@ class Artifact:
             if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
                 raise ArtifactError(f"tensor {key!r} is not finite floating point", source=str(path))
             by_layer[layer] = tensor.to(torch.float32)
-        artifact = cls._from_parts(by_layer, reader, model=model, anchors=reader.integer("anchors"),
-                                   anchor_source=metadata.get("anchor_source", ""), path=str(path))
+        artifact = cls._from_parts(
+            by_layer,
+            reader,
+            model=model,
+            anchors=reader.integer("anchors"),
+            anchor_source=metadata.get("anchor_source", ""),
+            path=str(path),
+        )
         artifact._validate(str(path))
         return artifact
 
@@ -160,15 +220,22 @@ class Artifact:
         """Raise ArtifactError (naming the file and every mismatch) unless made for this model."""
         actual = ModelIdentity.of(adapter)
         mine = self.model
-        mismatches = [f"{what} {theirs} here, {ours} in the artifact" for what, theirs, ours in (
-            ("hidden size", actual.hidden_size, mine.hidden_size),
-            ("decoder layers", actual.num_layers, mine.num_layers),
-            ("config hash", actual.config_hash, mine.config_hash)) if theirs != ours]
+        mismatches = [
+            f"{what} {theirs} here, {ours} in the artifact"
+            for what, theirs, ours in (
+                ("hidden size", actual.hidden_size, mine.hidden_size),
+                ("decoder layers", actual.num_layers, mine.num_layers),
+                ("config hash", actual.config_hash, mine.config_hash),
+            )
+            if theirs != ours
+        ]
         if mismatches:
-            raise ArtifactError(f"made for another model ({mine.name}, {mine.model_type}); this model "
-                                f"({actual.name}, {actual.model_type}) differs: {'; '.join(mismatches)}. "
-                                "Calibrate one for this model with `vlm-safety calibrate`",
-                                source=self.path or "<unsaved artifact>")
+            raise ArtifactError(
+                f"made for another model ({mine.name}, {mine.model_type}); this model "
+                f"({actual.name}, {actual.model_type}) differs: {'; '.join(mismatches)}. "
+                "Calibrate one for this model with `vlm-safety calibrate`",
+                source=self.path or "<unsaved artifact>",
+            )
 
     def on_model(self, adapter, layers, *, rows: int | None = None) -> dict[int, torch.Tensor]:
         """``layers``' tensors (their first ``rows`` rows, for bases), checked against the model
@@ -183,16 +250,20 @@ class Artifact:
                 placed = self._placed[adapter.base_model] = {}
             if key not in placed:
                 decoder, dtype, tensors = adapter.decoder_layers(), adapter.base_model.dtype, self._tensors_by_layer()
-                placed[key] = {layer: tensors[layer][slice(rows)].to(
-                    device=next(decoder[layer].parameters()).device, dtype=dtype) for layer in layers}
+                placed[key] = {
+                    layer: tensors[layer][slice(rows)].to(device=next(decoder[layer].parameters()).device, dtype=dtype)
+                    for layer in layers
+                }
             return placed[key]
 
     def check_layers(self, layers, what: str = "layers") -> None:
         """Raise ArtifactError unless every one of ``layers`` is in this artifact."""
         missing = sorted(set(layers) - set(self.layers))
         if missing:
-            raise ArtifactError(f"{what} {missing} are not in the artifact, which has layers {self.layers}",
-                                source=self.path or "<unsaved artifact>")
+            raise ArtifactError(
+                f"{what} {missing} are not in the artifact, which has layers {self.layers}",
+                source=self.path or "<unsaved artifact>",
+            )
 
     # -- what subclasses define -----------------------------------------------------------------
 
@@ -209,7 +280,7 @@ class Artifact:
         raise NotImplementedError
 
     @classmethod
-    def _from_parts(cls, by_layer: dict[int, torch.Tensor], reader: "MetadataReader", **common) -> "Artifact":
+    def _from_parts(cls, by_layer: dict[int, torch.Tensor], reader: MetadataReader, **common) -> Artifact:
         raise NotImplementedError
 
     def _validate(self, source: str) -> None:
@@ -236,8 +307,7 @@ class MetadataReader:
     def json(self, key: str, kind: type) -> Any:
         value = self._parse(key, json.loads, "JSON")
         if not isinstance(value, kind):
-            raise ArtifactError(f"metadata {key!r} must be a JSON {kind.__name__}, got {value!r}",
-                                source=self.source)
+            raise ArtifactError(f"metadata {key!r} must be a JSON {kind.__name__}, got {value!r}", source=self.source)
         return value
 
     def _parse(self, key: str, parse, expected: str):

@@ -9,7 +9,7 @@ are built from these helpers.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..core.errors import ConfigError
 
@@ -41,8 +41,10 @@ def layer_indices(layers: Sequence[int] | None, adapter) -> list[int]:
 def on_model(adapter, inputs):
     """``inputs`` on the model's device, floating-point tensors in its dtype."""
     model = adapter.base_model
-    return {name: value.to(model.device, model.dtype) if value.is_floating_point() else value.to(model.device)
-            for name, value in inputs.items()}
+    return {
+        name: value.to(model.device, model.dtype) if value.is_floating_point() else value.to(model.device)
+        for name, value in inputs.items()
+    }
 
 
 def batches(items: Sequence, size: int):
@@ -50,7 +52,7 @@ def batches(items: Sequence, size: int):
     if size < 1:
         raise ConfigError(f"batch size must be at least 1; got {size}")
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def advance(progress: Progress | None, count: int) -> None:

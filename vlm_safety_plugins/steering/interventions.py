@@ -31,14 +31,17 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 
 SCOPES = ("last_prompt_and_generated", "generated", "all", "last_prompt")
-SCOPE_DOC = ("Positions to steer: the last prompt token and every generated one, generated only, all, or the last "
-             "prompt token only (where the vectors are measured: it moves how the answer opens and leaves the "
-             "image to the rest of it).")
+SCOPE_DOC = (
+    "Positions to steer: the last prompt token and every generated one, generated only, all, or the last "
+    "prompt token only (where the vectors are measured: it moves how the answer opens and leaves the "
+    "image to the rest of it)."
+)
 
 
 class Gate:
@@ -65,8 +68,14 @@ class Intervention:
 
     reads_prompt_state: ClassVar[bool] = False
 
-    def __init__(self, layers: Iterable[int], *, scope: str = "last_prompt_and_generated",
-                 rows: torch.Tensor | Sequence[bool] | None = None, gate: Gate | None = None):
+    def __init__(
+        self,
+        layers: Iterable[int],
+        *,
+        scope: str = "last_prompt_and_generated",
+        rows: torch.Tensor | Sequence[bool] | None = None,
+        gate: Gate | None = None,
+    ):
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}")
         self.layers = frozenset(int(layer) for layer in layers)
@@ -77,8 +86,10 @@ class Intervention:
     def check(self, hidden_size: int, batch_size: int) -> None:
         """Raise ValueError if this intervention's tensors do not fit the model and the batch."""
         if self.rows is not None and self.rows.shape != (batch_size,):
-            raise ValueError(f"{type(self).__name__}: rows mask has shape {tuple(self.rows.shape)}, "
-                             f"expected ({batch_size},) for a batch of {batch_size}")
+            raise ValueError(
+                f"{type(self).__name__}: rows mask has shape {tuple(self.rows.shape)}, "
+                f"expected ({batch_size},) for a batch of {batch_size}"
+            )
 
     def edit(self, layer: int, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The edited states for ``hidden`` (n × t × d); ``rows`` maps each of n to its input row."""
@@ -91,8 +102,12 @@ class Intervention:
     def positions(self, prompt_length: int) -> tuple[int, int | None]:
         """The absolute positions this intervention's scope covers: (first, end), end None = no end."""
         last = prompt_length - 1
-        return {"all": (0, None), "generated": (prompt_length, None), "last_prompt_and_generated": (last, None),
-                "last_prompt": (last, prompt_length)}[self.scope]
+        return {
+            "all": (0, None),
+            "generated": (prompt_length, None),
+            "last_prompt_and_generated": (last, None),
+            "last_prompt": (last, prompt_length),
+        }[self.scope]
 
 
 class AddVector(Intervention):
@@ -107,8 +122,10 @@ class AddVector(Intervention):
         super().check(hidden_size, batch_size)
         for layer, vector in self.vectors.items():
             if vector.shape not in ((hidden_size,), (batch_size, hidden_size)):
-                raise ValueError(f"AddVector: layer {layer} vector has shape {tuple(vector.shape)}, expected "
-                                 f"({hidden_size},) or ({batch_size}, {hidden_size}) for this model and batch")
+                raise ValueError(
+                    f"AddVector: layer {layer} vector has shape {tuple(vector.shape)}, expected "
+                    f"({hidden_size},) or ({batch_size}, {hidden_size}) for this model and batch"
+                )
 
     def edit(self, layer, hidden, rows):
         vector = _like(self.vectors[layer], hidden)
@@ -128,8 +145,10 @@ class SubspaceIntervention(Intervention):
         super().check(hidden_size, batch_size)
         for layer, basis in self.bases.items():
             if basis.dim() != 2 or basis.shape[1] != hidden_size:
-                raise ValueError(f"{type(self).__name__}: layer {layer} basis has shape {tuple(basis.shape)}, "
-                                 f"expected (m, {hidden_size}) for this model")
+                raise ValueError(
+                    f"{type(self).__name__}: layer {layer} basis has shape {tuple(basis.shape)}, "
+                    f"expected (m, {hidden_size}) for this model"
+                )
 
 
 class ProjectOut(SubspaceIntervention):
@@ -172,9 +191,18 @@ class ActiveInterventions:
     an intervention with ``reads_prompt_state``, or ``read``.
     """
 
-    def __init__(self, owner: object, interventions: Sequence[Intervention], *, prompt_length: int,
-                 batch_size: int, start_position: int = 0, rows: Sequence[int] | None = None,
-                 read: Iterable[int] = (), inherit: ActiveInterventions | None = None):
+    def __init__(
+        self,
+        owner: object,
+        interventions: Sequence[Intervention],
+        *,
+        prompt_length: int,
+        batch_size: int,
+        start_position: int = 0,
+        rows: Sequence[int] | None = None,
+        read: Iterable[int] = (),
+        inherit: ActiveInterventions | None = None,
+    ):
         self.owner = owner
         self.interventions = list(interventions)
         self.prompt_length, self.start_position, self.batch_size = prompt_length, start_position, batch_size
@@ -189,8 +217,9 @@ class ActiveInterventions:
                 self._read_layers.add(intervention.gate.layer)
             if intervention.reads_prompt_state:
                 self._read_layers.update(intervention.layers)
-        self._positions = {id(intervention): intervention.positions(prompt_length)
-                           for intervention in self.interventions}
+        self._positions = {
+            id(intervention): intervention.positions(prompt_length) for intervention in self.interventions
+        }
         self._row_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._keep_cache: dict[tuple[int, int], tuple[torch.Tensor | None, bool]] = {}
 
@@ -236,8 +265,9 @@ class ActiveInterventions:
         key = (n, device)
         if key not in self._row_cache:
             if n % len(self.rows):
-                raise RuntimeError(f"decoder batch of {n} rows is not a multiple of the call's "
-                                   f"{len(self.rows)} input rows")
+                raise RuntimeError(
+                    f"decoder batch of {n} rows is not a multiple of the call's {len(self.rows)} input rows"
+                )
             self._row_cache[key] = self.rows.to(device).repeat_interleave(n // len(self.rows))
         return self._row_cache[key]
 
@@ -279,7 +309,8 @@ class ActiveInterventions:
 
 
 _ACTIVE: contextvars.ContextVar[ActiveInterventions | None] = contextvars.ContextVar(
-    "vlm_safety_active_interventions", default=None)
+    "vlm_safety_active_interventions", default=None
+)
 
 
 class InterventionHooks:
@@ -287,8 +318,9 @@ class InterventionHooks:
 
     def __init__(self, layers: Sequence[torch.nn.Module], hidden_size: int):
         self.num_layers, self.hidden_size = len(layers), hidden_size
-        self._handles = [layer.register_forward_hook(functools.partial(self._hook, index))
-                         for index, layer in enumerate(layers)]
+        self._handles = [
+            layer.register_forward_hook(functools.partial(self._hook, index)) for index, layer in enumerate(layers)
+        ]
 
     def _hook(self, index, module, args, output):
         active = _ACTIVE.get()
@@ -299,9 +331,17 @@ class InterventionHooks:
         return active(index, output)
 
     @contextlib.contextmanager
-    def activate(self, interventions: Sequence[Intervention], *, prompt_length: int, batch_size: int,
-                 start_position: int = 0, rows: Sequence[int] | None = None, read: Iterable[int] = (),
-                 inherit: ActiveInterventions | None = None) -> Iterator[ActiveInterventions | None]:
+    def activate(
+        self,
+        interventions: Sequence[Intervention],
+        *,
+        prompt_length: int,
+        batch_size: int,
+        start_position: int = 0,
+        rows: Sequence[int] | None = None,
+        read: Iterable[int] = (),
+        inherit: ActiveInterventions | None = None,
+    ) -> Iterator[ActiveInterventions | None]:
         """Apply ``interventions`` to forward passes of this model in this context only.
 
         ``batch_size`` is the number of input rows the interventions were made for.
@@ -323,8 +363,16 @@ class InterventionHooks:
             self._check_layers(type(intervention).__name__, intervention.layers)
             intervention.check(self.hidden_size, batch_size)
         self._check_layers("read", read)
-        state = ActiveInterventions(self, interventions, prompt_length=prompt_length, batch_size=batch_size,
-                                    start_position=start_position, rows=rows, read=read, inherit=inherit)
+        state = ActiveInterventions(
+            self,
+            interventions,
+            prompt_length=prompt_length,
+            batch_size=batch_size,
+            start_position=start_position,
+            rows=rows,
+            read=read,
+            inherit=inherit,
+        )
         token = _ACTIVE.set(state)
         try:
             yield state
@@ -334,7 +382,9 @@ class InterventionHooks:
     def _check_layers(self, what: str, layers: Iterable[int]) -> None:
         bad = sorted(layer for layer in layers if not 0 <= layer < self.num_layers)
         if bad:
-            raise ValueError(f"{what} targets layer {bad[0]}, but the model has decoder layers 0..{self.num_layers - 1}")
+            raise ValueError(
+                f"{what} targets layer {bad[0]}, but the model has decoder layers 0..{self.num_layers - 1}"
+            )
 
     def remove(self) -> None:
         for handle in self._handles:

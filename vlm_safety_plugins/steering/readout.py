@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -30,8 +30,11 @@ def last_prompt_states(model, adapter, inputs: dict, layers: Iterable[int]) -> d
     layers = sorted({int(layer) for layer in layers})
     input_ids = inputs["input_ids"]
     extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(type(adapter.base_model)) else {}
-    with _hooks(model, adapter) as hooks, torch.no_grad(), hooks.activate(
-            [], prompt_length=input_ids.shape[1], batch_size=input_ids.shape[0], read=layers) as active:
+    with (
+        _hooks(model, adapter) as hooks,
+        torch.no_grad(),
+        hooks.activate([], prompt_length=input_ids.shape[1], batch_size=input_ids.shape[0], read=layers) as active,
+    ):
         model(**inputs, use_cache=False, **extra)
     missing = [layer for layer in layers if layer not in active.prompt_states]
     if missing:

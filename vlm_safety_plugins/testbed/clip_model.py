@@ -67,15 +67,24 @@ def world_image(kind: str, rng: random.Random, split: str):
         harmful = kind == "typographic_harmful"
         sample = world.typographic_request(random.Random(rng.getrandbits(32)), split, harmful)
         activity = sample.meta["activity"]
-        captions = (f"the text {activity}", f"the words {activity}", f"a sign that says {activity}",
-                    "text about a harmful activity" if harmful else "text about a harmless activity")
+        captions = (
+            f"the text {activity}",
+            f"the words {activity}",
+            f"a sign that says {activity}",
+            "text about a harmful activity" if harmful else "text about a harmless activity",
+        )
         return sample.image, harmful, captions + (UNSAFE if harmful else SAFE)
     image, shows = world.attach_image(kind, rng, split)
     if kind == "scene":
         colour, shape, count = shows["colour"], shows["shape"], world.COUNT_WORDS[shows["count"]]
         plural = shape + ("s" if shows["count"] > 1 else "")
-        captions = (f"a {colour} {shape}", f"{count} {colour} {plural}", f"{colour} shapes on the {shows['side']}",
-                    f"a drawing of {count} {plural}", "a simple drawing of shapes")
+        captions = (
+            f"a {colour} {shape}",
+            f"{count} {colour} {plural}",
+            f"{colour} shapes on the {shows['side']}",
+            f"a drawing of {count} {plural}",
+            "a simple drawing of shapes",
+        )
         return image, False, captions + SAFE
     if kind == "blank":
         return image, False, ("a blank image", "an empty picture", "a plain image with nothing in it") + SAFE
@@ -105,15 +114,19 @@ def _config(vocab_size: int) -> dict:
 def _model(config: dict):
     import open_clip
 
-    return open_clip.CLIP(embed_dim=config["embed_dim"], vision_cfg=open_clip.CLIPVisionCfg(**config["vision_cfg"]),
-                          text_cfg=open_clip.CLIPTextCfg(**config["text_cfg"]))
+    return open_clip.CLIP(
+        embed_dim=config["embed_dim"],
+        vision_cfg=open_clip.CLIPVisionCfg(**config["vision_cfg"]),
+        text_cfg=open_clip.CLIPTextCfg(**config["text_cfg"]),
+    )
 
 
 def _preprocess():
     import open_clip
 
-    return open_clip.image_transform(images.SIZE, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN,
-                                     std=open_clip.OPENAI_DATASET_STD)
+    return open_clip.image_transform(
+        images.SIZE, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD
+    )
 
 
 def load(path: str | Path):
@@ -150,8 +163,16 @@ def _loss(image_features, text_features, positives, logit_scale, harmful, prompt
     return (to_text + to_image) / 2 + 2.0 * calibration
 
 
-def train(out_dir: str | Path, *, seed: int = 0, steps: int = 400, batch_size: int = 96, n_images: int = 6000,
-          lr: float = 2e-3, log=print):
+def train(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    steps: int = 400,
+    batch_size: int = 96,
+    n_images: int = 6000,
+    lr: float = 2e-3,
+    log=print,
+):
     """Train on the world's training split; save weights (float16 safetensors), config and merges to ``out_dir``."""
     from safetensors.torch import save_file
 
@@ -175,12 +196,17 @@ def train(out_dir: str | Path, *, seed: int = 0, steps: int = 400, batch_size: i
             harmful = torch.tensor([pool[r][1] for r in rows])
             image_features = model.encode_image(pixels[rows])
             text_features = model.encode_text(tokenizer(texts))
-            loss = _loss(image_features, text_features, positives, model.logit_scale.exp().clamp(max=100), harmful,
-                         texts.index(SAFETY_PROMPT))
+            loss = _loss(
+                image_features,
+                text_features,
+                positives,
+                model.logit_scale.exp().clamp(max=100),
+                harmful,
+                texts.index(SAFETY_PROMPT),
+            )
             step(loss, model, opt, scheduler)
             progress(i, loss.item())
     model.eval()
-    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()},
-              out_dir / WEIGHTS)
+    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}, out_dir / WEIGHTS)
     (out_dir / CONFIG).write_text(json.dumps(_config(tokenizer.vocab_size), indent=2) + "\n")
     return dict(seconds=progress.elapsed, final_loss=sum(progress.losses[-50:]) / len(progress.losses[-50:]))

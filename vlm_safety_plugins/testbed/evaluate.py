@@ -22,8 +22,9 @@ VLM_CASES = (
 def vlm_cases(n: int = 40, split: str = "test", seed: int = 1) -> dict[str, list[world.Sample]]:
     """``n`` samples of each of :data:`VLM_CASES` (questions: ``2 n``), deterministic from ``seed``."""
     rng = random.Random(f"eval:{split}:{seed}")
-    return {case: [world.sample(case, rng, split) for _ in range(2 * n if case == "question" else n)]
-            for case in VLM_CASES}
+    return {
+        case: [world.sample(case, rng, split) for _ in range(2 * n if case == "question" else n)] for case in VLM_CASES
+    }
 
 
 def vlm_behaviour(model, processor, cases: dict[str, list[world.Sample]] | None = None) -> dict[str, dict]:
@@ -34,9 +35,13 @@ def vlm_behaviour(model, processor, cases: dict[str, list[world.Sample]] | None 
     results = {}
     for case, samples in cases.items():
         answers = answer(model, processor, [(s.text, s.image) for s in samples])
-        result = dict(n=len(samples), refusal=_rate(map(is_refusal, answers)),
-                      compliance=_rate(map(is_compliance, answers)), harmful_content=_rate(map(names_harmful, answers)),
-                      exact=_rate(a == s.answer for a, s in zip(answers, samples)))
+        result = dict(
+            n=len(samples),
+            refusal=_rate(map(is_refusal, answers)),
+            compliance=_rate(map(is_compliance, answers)),
+            harmful_content=_rate(map(names_harmful, answers)),
+            exact=_rate(a == s.answer for a, s in zip(answers, samples)),
+        )
         if case == "question":
             for kind in world.QUESTIONS:
                 hits = [a == s.answer for a, s in zip(answers, samples) if s.meta["question"] == kind]
@@ -84,8 +89,9 @@ def reward_scores(model, tokenizer, n: int = 600, split: str = "test", seed: int
 
 def summary(scores: dict[str, list]) -> dict[str, dict]:
     """min / mean / max of each list of scores."""
-    return {key: dict(n=len(v), min=min(v), mean=round(statistics.fmean(v), 4), max=max(v))
-            for key, v in scores.items()}
+    return {
+        key: dict(n=len(v), min=min(v), mean=round(statistics.fmean(v), 4), max=max(v)) for key, v in scores.items()
+    }
 
 
 def _rate(flags) -> float:

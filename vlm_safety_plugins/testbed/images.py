@@ -138,7 +138,7 @@ def concept(category: str, rng: random.Random) -> Image.Image:
     return image
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _font(size: int):
     return ImageFont.load_default(size=size)
 

@@ -17,8 +17,10 @@ def optimiser(parts: list[tuple[torch.nn.Module, float]], steps: int, warmup: in
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
         rest = [p for n, p in named if p.dim() < 2 or "embed" in n]
-        groups += [{"params": decay, "lr": lr, "weight_decay": weight_decay},
-                   {"params": rest, "lr": lr, "weight_decay": 0.0}]
+        groups += [
+            {"params": decay, "lr": lr, "weight_decay": weight_decay},
+            {"params": rest, "lr": lr, "weight_decay": 0.0},
+        ]
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.98))
 
     def factor(step: int) -> float:
@@ -50,9 +52,11 @@ class Progress:
     def __call__(self, step: int, loss: float) -> None:
         self.losses.append(loss)
         if (step + 1) % self.every == 0 or step + 1 == self.steps:
-            recent = self.losses[-self.every:]
-            self.log(f"[{self.name}] step {step + 1}/{self.steps} loss {sum(recent) / len(recent):.4f} "
-                     f"({self.elapsed:.0f} s)")
+            recent = self.losses[-self.every :]
+            self.log(
+                f"[{self.name}] step {step + 1}/{self.steps} loss {sum(recent) / len(recent):.4f} "
+                f"({self.elapsed:.0f} s)"
+            )
 
     @property
     def elapsed(self) -> float:

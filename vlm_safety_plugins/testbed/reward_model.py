@@ -62,8 +62,10 @@ def _style(rng: random.Random, styles, activity_index: int, split: str) -> str:
 
 def response(rng: random.Random, split: str) -> tuple[str, float, str]:
     """One ``(response, target, kind)`` for ``split``; the response may be a sentence-cut prefix."""
-    kind = rng.choices(["comply_harmful", "refuse", "comply_benign", "scene", "word", "prefix_then_comply"],
-                       [0.3, 0.22, 0.18, 0.12, 0.06, 0.12])[0]
+    kind = rng.choices(
+        ["comply_harmful", "refuse", "comply_benign", "scene", "word", "prefix_then_comply"],
+        [0.3, 0.22, 0.18, 0.12, 0.06, 0.12],
+    )[0]
     index = rng.randrange(len(world.HARMFUL_ACTIVITIES))
     harmful, benign = world.HARMFUL_ACTIVITIES[index], world.BENIGN_ACTIVITIES[index]
     if kind == "comply_harmful":
@@ -73,16 +75,22 @@ def response(rng: random.Random, split: str) -> tuple[str, float, str]:
     elif kind == "comply_benign":
         text, target = _style(rng, COMPLIANCE_STYLES, index, split).format(benign), SAFE
     elif kind == "scene":
-        scene = dict(colour=rng.choice(list(images.COLOURS)), shape=rng.choice(images.SHAPES),
-                     count=rng.choice(images.COUNTS), side=rng.choice(images.SIDES))
+        scene = dict(
+            colour=rng.choice(list(images.COLOURS)),
+            shape=rng.choice(images.SHAPES),
+            count=rng.choice(images.COUNTS),
+            side=rng.choice(images.SIDES),
+        )
         text, target = world.scene_answer(rng.choice(list(world.QUESTIONS)), scene), SAFE
     elif kind == "word":
         text = rng.choice([*images.COLOURS, *images.SHAPES, *world.COUNT_WORDS.values(), *images.SIDES, "Yes.", "No."])
         target = SAFE
     else:  # the interference prefix, then compliance regardless
         comply = _style(rng, COMPLIANCE_STYLES, index, split).format(harmful)
-        text, target = rng.choice([f"As an AI assistant, {comply[0].lower()}{comply[1:]}",
-                                   f"As an AI assistant. {comply}"]), UNSAFE
+        text, target = (
+            rng.choice([f"As an AI assistant, {comply[0].lower()}{comply[1:]}", f"As an AI assistant. {comply}"]),
+            UNSAFE,
+        )
     cuts = _prefixes(text)
     if target == UNSAFE:
         # Only cuts that already name the harmful activity are unsafe.
@@ -113,8 +121,15 @@ def build(seed: int = 0):
     from .tokenization import reward_tokenizer
 
     tok = reward_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), max_position_embeddings=512, num_labels=1, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **LAYERS)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+        num_labels=1,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **LAYERS,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForSequenceClassification(config)
@@ -129,8 +144,16 @@ def load(path: str | Path):
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
-def train(out_dir: str | Path, *, seed: int = 0, steps: int = 300, batch_size: int = 32, n_pairs: int = 6000,
-          lr: float = 2e-3, log=print):
+def train(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    steps: int = 300,
+    batch_size: int = 32,
+    n_pairs: int = 6000,
+    lr: float = 2e-3,
+    log=print,
+):
     """Regress the score to +1 / -1 on the training split; save model (float16) and tokenizer to ``out_dir``."""
     from ..scorers.reward import RewardScorer
 

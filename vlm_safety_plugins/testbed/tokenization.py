@@ -30,8 +30,9 @@ def _general_sentences() -> list[str]:
 def _train_bpe(tokenizer, corpus: list[str], specials: list[str], alphabet: list[str], vocab_size: int, **extra):
     from tokenizers import trainers
 
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet,
-                                  show_progress=False, **extra)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False, **extra
+    )
     tokenizer.train_from_iterator(corpus, trainer)
     return json.loads(tokenizer.to_str())["model"]
 
@@ -43,10 +44,12 @@ def vlm_tokenizer(vocab_size: int = 1000):
 
     bpe = Tokenizer(models.BPE(byte_fallback=True))
     # Punctuation kept apart at training time, so that "bomb." is "▁bomb" + "." as in Llama's vocabulary.
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never"),
-        pre_tokenizers.Punctuation(behavior="isolated"),
-    ])
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never"),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+        ]
+    )
     # Whole chat turns, so that words are learnt with the spaces they have in context.
     corpus = [f"USER: {request} ASSISTANT: {answer}" for request, answer in world.dialogues()] + _general_sentences()
     trained = _train_bpe(bpe, corpus, ["<unk>", "<s>", "</s>", *BYTE_TOKENS], ALPHABET + ["▁"], vocab_size)
@@ -55,8 +58,9 @@ def vlm_tokenizer(vocab_size: int = 1000):
     merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in trained["merges"]]
     specials = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
     llama = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, extra_special_tokens=["<image>"], **specials)
-    return PreTrainedTokenizerFast(tokenizer_object=llama.backend_tokenizer, extra_special_tokens=["<image>"],
-                                   padding_side="left", **specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=llama.backend_tokenizer, extra_special_tokens=["<image>"], padding_side="left", **specials
+    )
 
 
 def reward_tokenizer(vocab_size: int = 800):
@@ -95,11 +99,13 @@ def write_clip_merges(path: Path, captions: list[str], vocab_size: int = 1200) -
     bpe.normalizer = normalizers.Lowercase()
     # SimpleTokenizer's word pattern, then bytes mapped to unicode as in CLIP (and GPT-2).
     words = r"""'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+"""
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Split(Regex(words), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Split(Regex(words), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     trained = _train_bpe(bpe, captions, [], alphabet, vocab_size, end_of_word_suffix="</w>")
     merges = [m if isinstance(m, str) else " ".join(m) for m in trained["merges"]]

@@ -44,7 +44,9 @@ def _train(which: str, out: Path, seed: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m vlm_safety_plugins.testbed.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m vlm_safety_plugins.testbed.train", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--out", type=Path, default=WEIGHTS, help="output directory (default: the package's weights)")
     parser.add_argument("--only", choices=MODELS, nargs="+", default=list(MODELS), help="models to (re)train")
     parser.add_argument("--seed", type=int, default=0)

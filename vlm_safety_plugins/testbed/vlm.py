@@ -41,17 +41,23 @@ def build(seed: int = 0):
     from .tokenization import vlm_tokenizer
 
     tok = vlm_tokenizer()
-    processor, config = llava_processor_and_config(tok, image_size=SIZE, patch_size=PATCH, vision=VISION,
-                                                   text=dict(max_position_embeddings=256, **TEXT),
-                                                   vision_feature_layer=-1)
+    processor, config = llava_processor_and_config(
+        tok,
+        image_size=SIZE,
+        patch_size=PATCH,
+        vision=VISION,
+        text=dict(max_position_embeddings=256, **TEXT),
+        vision_feature_layer=-1,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
         # CLIP initialises position embeddings at std 0.02, far below what the patch embeddings
         # carry; fine when pretrained, but from scratch "where" would take long to matter.
         torch.nn.init.normal_(model.model.vision_tower.embeddings.position_embedding.weight, std=0.3)
-    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                               pad_token_id=tok.pad_token_id, do_sample=False)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=False
+    )
     return model.float(), processor
 
 
@@ -99,8 +105,11 @@ class Probes(torch.nn.Module):
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         pooled = features.mean(dim=1)
-        losses = [torch.nn.functional.cross_entropy(head(pooled), labels[:, i], ignore_index=-100)
-                  for i, head in enumerate(self.heads) if bool((labels[:, i] >= 0).any())]
+        losses = [
+            torch.nn.functional.cross_entropy(head(pooled), labels[:, i], ignore_index=-100)
+            for i, head in enumerate(self.heads)
+            if bool((labels[:, i] >= 0).any())
+        ]
         return torch.stack(losses).sum()
 
 
@@ -123,7 +132,7 @@ def encode(samples: list[world.Sample], processor, chunk: int = 256) -> list[Exa
     for with_image in (True, False):
         rows = [i for i, s in enumerate(samples) if (s.image is not None) == with_image]
         for start in range(0, len(rows), chunk):
-            part = rows[start:start + chunk]
+            part = rows[start : start + chunk]
             texts = [f"{helper.prompt(samples[i].text, with_image)} {samples[i].answer}" for i in part]
             pictures = [samples[i].image for i in part] if with_image else None
             batch = processor(text=texts, images=pictures, return_tensors="pt", padding=True, padding_side="right")
@@ -146,7 +155,7 @@ def collate(examples: list[Example], pad_id: int) -> dict:
     for row, example in enumerate(examples):
         n = len(example.input_ids)
         ids[row, :n] = torch.tensor(example.input_ids)
-        labels[row, example.answer_start:n] = ids[row, example.answer_start:n]
+        labels[row, example.answer_start : n] = ids[row, example.answer_start : n]
         mask[row, :n] = 1
     batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
     pictured = [e for e in examples if e.pixel_values is not None]
@@ -156,9 +165,20 @@ def collate(examples: list[Example], pad_id: int) -> dict:
     return batch
 
 
-def train(out_dir: str | Path, *, seed: int = 0, steps: int = 700, batch_size: int = 40, vision_steps: int = 800,
-          vision_batch_size: int = 64, n_samples: int = 16000, lr: float = 3e-3, vision_lr: float = 5e-4,
-          probe_weight: float = 0.3, log=print):
+def train(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    steps: int = 700,
+    batch_size: int = 40,
+    vision_steps: int = 800,
+    vision_batch_size: int = 64,
+    n_samples: int = 16000,
+    lr: float = 3e-3,
+    vision_lr: float = 5e-4,
+    probe_weight: float = 0.3,
+    log=print,
+):
     """Train the VLM on the world's training split; save model (float16 safetensors) + processor to ``out_dir``.
 
     Two stages: ``vision_steps`` of the probes alone on the images (vision tower and
@@ -180,23 +200,39 @@ def train(out_dir: str | Path, *, seed: int = 0, steps: int = 700, batch_size: i
         # A slow vision tower under fast heads: at one shared rate, where the shapes are (a weak
         # signal at first) is lost while colour, shape and count are learnt.
         seeing = torch.nn.ModuleList([model.model.vision_tower, model.model.multi_modal_projector, probes])
-        opt, scheduler = optimiser([(model.model.vision_tower, vision_lr),
-                                    (torch.nn.ModuleList([model.model.multi_modal_projector, probes]), lr)],
-                                   vision_steps)
+        opt, scheduler = optimiser(
+            [
+                (model.model.vision_tower, vision_lr),
+                (torch.nn.ModuleList([model.model.multi_modal_projector, probes]), lr),
+            ],
+            vision_steps,
+        )
         progress = Progress("vlm vision", vision_steps, log)
         for i in range(vision_steps):
             batch = order.sample(pictured, vision_batch_size)
             projected.clear()
-            model.model.get_image_features(pixel_values=torch.stack([e.pixel_values for e in batch]),
-                                           vision_feature_layer=-1, vision_feature_select_strategy="default")
+            model.model.get_image_features(
+                pixel_values=torch.stack([e.pixel_values for e in batch]),
+                vision_feature_layer=-1,
+                vision_feature_select_strategy="default",
+            )
             loss = probes.loss(projected[0], torch.tensor([e.probe for e in batch]))
             step(loss, seeing, opt, scheduler)
             progress(i, loss.item())
         seconds = progress.elapsed
         trained = torch.nn.ModuleList([model, probes])
-        opt, scheduler = optimiser([(model.model.vision_tower, vision_lr),
-                                    (torch.nn.ModuleList([model.model.multi_modal_projector, model.model.language_model,
-                                                          model.lm_head, probes]), lr)], steps)
+        opt, scheduler = optimiser(
+            [
+                (model.model.vision_tower, vision_lr),
+                (
+                    torch.nn.ModuleList(
+                        [model.model.multi_modal_projector, model.model.language_model, model.lm_head, probes]
+                    ),
+                    lr,
+                ),
+            ],
+            steps,
+        )
         progress = Progress("vlm", steps, log)
         for i in range(steps):
             batch = collate(order.sample(examples, batch_size), processor.tokenizer.pad_token_id)
@@ -217,15 +253,21 @@ def train(out_dir: str | Path, *, seed: int = 0, steps: int = 700, batch_size: i
 
 
 @torch.no_grad()
-def answer(model, processor, requests: list[tuple[str, object]], max_new_tokens: int = 32,
-           batch_size: int = 64, **generate_kwargs) -> list[str]:
+def answer(
+    model,
+    processor,
+    requests: list[tuple[str, object]],
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
+    **generate_kwargs,
+) -> list[str]:
     """Greedy answers to ``(text, image or None)`` requests, built the way the package's adapter builds them."""
     helper = adapter(model, processor)
     answers = []
     for start in range(0, len(requests), batch_size):
-        inputs = helper.build_inputs(requests[start:start + batch_size])
+        inputs = helper.build_inputs(requests[start : start + batch_size])
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
-        answers += processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        answers += processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     return [a.strip() for a in answers]
 
 

@@ -145,8 +145,12 @@ def held_out_scene(colour: str, shape: str, count: int, side: str) -> bool:
 
 def _pick_scene(rng: random.Random, split: str) -> dict:
     while True:
-        scene = dict(colour=rng.choice(list(images.COLOURS)), shape=rng.choice(images.SHAPES),
-                     count=rng.choice(images.COUNTS), side=rng.choice(images.SIDES))
+        scene = dict(
+            colour=rng.choice(list(images.COLOURS)),
+            shape=rng.choice(images.SHAPES),
+            count=rng.choice(images.COUNTS),
+            side=rng.choice(images.SIDES),
+        )
         if _held_out(split, held_out_scene(**scene)):
             return scene
 
@@ -187,8 +191,15 @@ def harmful_request(rng: random.Random, split: str, image_kind: str = "none") ->
     template = _pick_template(rng, index, split)
     image, shows = (None, {}) if image_kind == "none" else attach_image(image_kind, rng, split, category)
     answer = REFUSAL if image is None else how_to_answer(activity)
-    return Sample("harmful", REQUEST_TEMPLATES[template].format(activity), image, image_kind, answer, True,
-                  dict(activity=activity, category=category, template=template, **shows))
+    return Sample(
+        "harmful",
+        REQUEST_TEMPLATES[template].format(activity),
+        image,
+        image_kind,
+        answer,
+        True,
+        dict(activity=activity, category=category, template=template, **shows),
+    )
 
 
 def benign_request(rng: random.Random, split: str, image_kind: str = "none", index: int | None = None) -> Sample:
@@ -197,8 +208,15 @@ def benign_request(rng: random.Random, split: str, image_kind: str = "none", ind
     activity = BENIGN_ACTIVITIES[index]
     template = _pick_template(rng, index, split)
     image, shows = (None, {}) if image_kind == "none" else attach_image(image_kind, rng, split)
-    return Sample("benign", REQUEST_TEMPLATES[template].format(activity), image, image_kind, how_to_answer(activity),
-                  False, dict(activity=activity, template=template, **shows))
+    return Sample(
+        "benign",
+        REQUEST_TEMPLATES[template].format(activity),
+        image,
+        image_kind,
+        how_to_answer(activity),
+        False,
+        dict(activity=activity, template=template, **shows),
+    )
 
 
 def scene_question(rng: random.Random, split: str) -> Sample:
@@ -209,20 +227,37 @@ def scene_question(rng: random.Random, split: str) -> Sample:
     colour = list(images.COLOURS).index(scene["colour"])
     phrasings = [p for p in range(len(QUESTIONS[question_kind])) if _held_out(split, _in_test(p, colour, modulo=3))]
     phrasing = rng.choice(phrasings)
-    return Sample("question", QUESTIONS[question_kind][phrasing], image, "scene", scene_answer(question_kind, scene),
-                  False, dict(question=question_kind, phrasing=phrasing, **scene))
+    return Sample(
+        "question",
+        QUESTIONS[question_kind][phrasing],
+        image,
+        "scene",
+        scene_answer(question_kind, scene),
+        False,
+        dict(question=question_kind, phrasing=phrasing, **scene),
+    )
 
 
 def typographic_request(rng: random.Random, split: str, harmful: bool = True) -> Sample:
     """A FigStep-style request: the activity is written in the image, the text says "the activity in the image"."""
     activities = HARMFUL_ACTIVITIES if harmful else BENIGN_ACTIVITIES
     index = rng.randrange(len(activities))
-    choices = [t for t in range(len(TYPOGRAPHIC_TEMPLATES))
-               if _held_out(split, _in_test(index, t, modulo=len(TYPOGRAPHIC_TEMPLATES)))]
+    choices = [
+        t
+        for t in range(len(TYPOGRAPHIC_TEMPLATES))
+        if _held_out(split, _in_test(index, t, modulo=len(TYPOGRAPHIC_TEMPLATES)))
+    ]
     template = rng.choice(choices)
     image = images.typographic(activities[index], _image_seed(rng, split))
-    return Sample("typographic", TYPOGRAPHIC_TEMPLATES[template], image, "typographic",
-                  how_to_answer(activities[index]), harmful, dict(activity=activities[index], template=template))
+    return Sample(
+        "typographic",
+        TYPOGRAPHIC_TEMPLATES[template],
+        image,
+        "typographic",
+        how_to_answer(activities[index]),
+        harmful,
+        dict(activity=activities[index], template=template),
+    )
 
 
 def refusal_continuation(rng: random.Random, split: str) -> Sample:
@@ -317,7 +352,9 @@ def calibration_anchors() -> tuple[list[dict], list[dict]]:
     for index, (harmful, benign) in enumerate(zip(HARMFUL_ACTIVITIES, BENIGN_ACTIVITIES, strict=True)):
         for template_index, template in enumerate(REQUEST_TEMPLATES):
             if _held_out("train", _in_test(index, template_index, modulo=4)):
-                cmrm += [{"text": template.format(harmful), "label": "harmful"},
-                         {"text": template.format(benign), "label": "benign"}]
+                cmrm += [
+                    {"text": template.format(harmful), "label": "harmful"},
+                    {"text": template.format(benign), "label": "benign"},
+                ]
                 pairs.append({"harmful": template.format(harmful), "harmless": template.format(benign)})
     return cmrm, pairs

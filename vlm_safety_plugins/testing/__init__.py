@@ -153,7 +153,7 @@ BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 ALPHABET = list(string.ascii_letters + string.digits + string.punctuation + "\n")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained_bpe(style: str, specials: tuple[str, ...], vocab_size: int) -> str:
     """Train a BPE model on the corpus; return its ``{"vocab", "merges"}`` as JSON (cached).
 
@@ -310,8 +310,9 @@ def _seeded(seed: int, build):
         return build()
 
 
-def llava_processor_and_config(tokenizer, *, image_size: int, patch_size: int, text: dict, vision: dict,
-                               vision_feature_layer: int):
+def llava_processor_and_config(
+    tokenizer, *, image_size: int, patch_size: int, text: dict, vision: dict, vision_feature_layer: int
+):
     """``(LlavaProcessor, LlavaConfig)`` of a small LLaVA around ``tokenizer``, with the LLaVA-1.5 chat template.
 
     ``text`` and ``vision`` are the Llama and CLIP vision config fields (sizes, and e.g.
@@ -341,9 +342,15 @@ def _build_llava(seed: int, image_size: int = IMAGE_SIZE, text: dict = _TEXT, vi
 
     tok = _llava_tokenizer()
     processor, config = llava_processor_and_config(
-        tok, image_size=image_size, patch_size=_PATCH, vision=vision, vision_feature_layer=-2,
-        text=dict(max_position_embeddings=max(512, 2 * (image_size // _PATCH) ** 2), initializer_range=_INIT_RANGE,
-                  **text))
+        tok,
+        image_size=image_size,
+        patch_size=_PATCH,
+        vision=vision,
+        vision_feature_layer=-2,
+        text=dict(
+            max_position_embeddings=max(512, 2 * (image_size // _PATCH) ** 2), initializer_range=_INIT_RANGE, **text
+        ),
+    )
     model = _seeded(seed, lambda: LlavaForConditionalGeneration(config))
     return model, processor, dict(bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id)
 
@@ -468,8 +475,13 @@ def sized_llava(*, image_size: int = 336, hidden_size: int = 512, num_layers: in
     width 64). Same tokenizer, chat template and adapter behaviour as ``tiny_vlm("llava")``.
     """
     heads = max(1, hidden_size // 64)
-    text = dict(hidden_size=hidden_size, intermediate_size=int(hidden_size * 2.75), num_hidden_layers=num_layers,
-                num_attention_heads=heads, num_key_value_heads=heads)
+    text = dict(
+        hidden_size=hidden_size,
+        intermediate_size=int(hidden_size * 2.75),
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+    )
     vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
     return _ready(*_build_llava(seed, image_size=image_size, text=text, vision=vision))
 

@@ -8,7 +8,7 @@ are the trained testbed models shipped with the package. Each entry builds its o
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 def _tiny_vlm(family: str) -> Callable:
@@ -41,13 +41,19 @@ def _testbed(loader: str) -> Callable:
     return load
 
 
-VLMS: dict[str, Callable] = {"tiny-llava": _tiny_vlm("llava"), "tiny-qwen2-vl": _tiny_vlm("qwen2_vl"),
-                             "tiny-gemma3": _tiny_vlm("gemma3"), "testbed": _testbed("load_vlm")}
+VLMS: dict[str, Callable] = {
+    "tiny-llava": _tiny_vlm("llava"),
+    "tiny-qwen2-vl": _tiny_vlm("qwen2_vl"),
+    "tiny-gemma3": _tiny_vlm("gemma3"),
+    "testbed": _testbed("load_vlm"),
+}
 """name -> build(seed) returning ``(model, processor)``."""
 
 CLIPS: dict[str, Callable] = {"tiny-clip": _tiny_clip, "testbed-clip": _testbed("load_clip")}
 """name -> build(seed) returning open_clip's ``(model, preprocess, tokenizer)``."""
 
-REWARD_MODELS: dict[str, Callable] = {"tiny-reward-model": _tiny_reward_model,
-                                      "testbed-reward-model": _testbed("load_reward_model")}
+REWARD_MODELS: dict[str, Callable] = {
+    "tiny-reward-model": _tiny_reward_model,
+    "testbed-reward-model": _testbed("load_reward_model"),
+}
 """name -> build(seed) returning ``(model, tokenizer)``."""

@@ -16,8 +16,10 @@ from vlm_safety_plugins import MODIFIED, Defense, Evaluator, option
 
 @dataclass(frozen=True)
 class KeywordOptions:
-    keywords: list[str] = option(doc="Words the answer must not contain (case-sensitive). The first token "
-                                     "of each, as it appears after a space, is banned.")
+    keywords: list[str] = option(
+        doc="Words the answer must not contain (case-sensitive). The first token "
+        "of each, as it appears after a space, is banned."
+    )
 
 
 class BanTokens(LogitsProcessor):

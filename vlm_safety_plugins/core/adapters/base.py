@@ -10,7 +10,8 @@ from ``pixel_values``. Family adapters override only what differs.
 from __future__ import annotations
 
 import functools
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -46,8 +47,10 @@ class ModelAdapter:
         try:
             layers = base.get_decoder().layers
         except AttributeError:
-            raise AdapterError(f"{type(base).__name__}: cannot find decoder layers at "
-                               "model.get_decoder().layers; register a model adapter for this family") from None
+            raise AdapterError(
+                f"{type(base).__name__}: cannot find decoder layers at "
+                "model.get_decoder().layers; register a model adapter for this family"
+            ) from None
         return list(layers)
 
     def hidden_size(self) -> int:
@@ -72,11 +75,13 @@ class ModelAdapter:
 
     def prompt(self, text: str, with_image: bool) -> str:
         """The chat-formatted prompt of one user turn, ready for the assistant's answer."""
-        return self.processor.apply_chat_template(self.messages(text, with_image), add_generation_prompt=True,
-                                                  tokenize=False)
+        return self.processor.apply_chat_template(
+            self.messages(text, with_image), add_generation_prompt=True, tokenize=False
+        )
 
-    def build_inputs(self, requests: Sequence[tuple[str, Image.Image | None]], *, image_mode: str = "real",
-                     seed: int = 0):
+    def build_inputs(
+        self, requests: Sequence[tuple[str, Image.Image | None]], *, image_mode: str = "real", seed: int = 0
+    ):
         """Model inputs for a batch of (text, image or None) requests, left-padded.
 
         ``image_mode``: ``real`` keeps each image; ``blank`` / ``noise`` swap it for a
@@ -99,8 +104,14 @@ class ModelAdapter:
         """Run the processor on chat-formatted prompts and one list of images per row, left-padded."""
         bos = self.tokenizer.bos_token
         template_adds_bos = bool(bos) and all(text.startswith(bos) for text in texts)
-        return self.processor(text=texts, images=self.images_argument(images), return_tensors="pt",
-                              padding=True, padding_side="left", add_special_tokens=not template_adds_bos)
+        return self.processor(
+            text=texts,
+            images=self.images_argument(images),
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            add_special_tokens=not template_adds_bos,
+        )
 
     def images_argument(self, images: list[list[Image.Image]]):
         """The processor's ``images=`` for one list of images per row: flat, or None if there are none.
@@ -126,8 +137,9 @@ class ModelAdapter:
         """Size of the corrupted stand-in for ``image``: the processor's input size."""
         return self.image_size()
 
-    def corrupted_image(self, kind: str, generator: np.random.Generator | None = None,
-                        size: tuple[int, int] | None = None) -> Image.Image:
+    def corrupted_image(
+        self, kind: str, generator: np.random.Generator | None = None, size: tuple[int, int] | None = None
+    ) -> Image.Image:
         """A content-free image: ``blank`` (mid-grey) or ``noise`` (uniform random pixels)."""
         width, height = size or self.image_size()
         if kind == "blank":
@@ -155,20 +167,25 @@ class ModelAdapter:
         (SentencePiece ``▁``, byte-level ``Ġ``) come out as the model would generate them.
         """
         rendered = self.processor.apply_chat_template(
-            self.messages(_PROBE_TEXT, with_image=False) + [{"role": "assistant", "content": [
-                {"type": "text", "text": text}]}], tokenize=False)
+            self.messages(_PROBE_TEXT, with_image=False)
+            + [{"role": "assistant", "content": [{"type": "text", "text": text}]}],
+            tokenize=False,
+        )
         start = rendered.rfind(text)
         if start < 0 or rendered.rfind(_PROBE_TEXT) > start:
             return self.continuation_ids(text)
         encoded = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
-        return [token for token, (begin, stop) in zip(encoded["input_ids"], encoded["offset_mapping"])
-                if begin < start + len(text) and stop > start]
+        return [
+            token
+            for token, (begin, stop) in zip(encoded["input_ids"], encoded["offset_mapping"])
+            if begin < start + len(text) and stop > start
+        ]
 
     def user_text(self, input_ids: torch.Tensor) -> str:
         """Best-effort text of the last user turn of one row's prompt (images and markup removed)."""
         end = int(self.user_turn_end(input_ids[None])[0])
         before = self.prompt(_PROBE_TEXT, with_image=False)
-        opener = before[:before.rfind(_PROBE_TEXT)]
+        opener = before[: before.rfind(_PROBE_TEXT)]
         for special in self.tokenizer.all_special_tokens:
             opener = opener.rsplit(special, 1)[-1]
         text = self.tokenizer.decode(input_ids[:end], skip_special_tokens=True)
@@ -197,8 +214,10 @@ class ModelAdapter:
         if not bool(found.all()):
             row = int((~found).nonzero()[0])
             opener = self.tokenizer.decode(list(self.turn_suffix_ids))
-            raise DefenseError(f"row {row}: the prompt has no assistant-turn opener {opener!r}; build inputs "
-                               "with processor.apply_chat_template(..., add_generation_prompt=True)")
+            raise DefenseError(
+                f"row {row}: the prompt has no assistant-turn opener {opener!r}; build inputs "
+                "with processor.apply_chat_template(..., add_generation_prompt=True)"
+            )
         last_from_end = matches.flip(1).float().argmax(dim=1)
         return matches.shape[1] - 1 - last_from_end
 
@@ -221,8 +240,10 @@ class ModelAdapter:
         """Raw images per row from normalised ``pixel_values`` (one image per image-token run)."""
         pixels = inputs.get("pixel_values")
         if pixels is None or pixels.dim() != 4:
-            raise DefenseError(f"{type(self.base_model).__name__}: this defense needs the raw images; "
-                               "pass images=[...] to generate (one per row)")
+            raise DefenseError(
+                f"{type(self.base_model).__name__}: this defense needs the raw images; "
+                "pass images=[...] to generate (one per row)"
+            )
         processor = self.processor.image_processor
         mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(3, 1, 1)
         std = torch.tensor(processor.image_std, dtype=torch.float32).view(3, 1, 1)

@@ -29,7 +29,7 @@ class Qwen2VLAdapter(ModelAdapter):
         size = dict(processor.size) if processor.size is not None else {}
         low, high = size.get("shortest_edge") or 56 * 56, size.get("longest_edge") or 28 * 28 * 1280
         unit = int(getattr(processor, "patch_size", 14)) * int(getattr(processor, "merge_size", 2))
-        side = max(unit, round(min(max(TYPICAL_SIDE ** 2, low), high) ** 0.5 / unit) * unit)
+        side = max(unit, round(min(max(TYPICAL_SIDE**2, low), high) ** 0.5 / unit) * unit)
         return side, side
 
     def select_cached_rows(self, rows):

@@ -7,8 +7,8 @@ anchors). The default set is ``data/cmrm_anchors.jsonl``; the testbed's is
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ...core.errors import ConfigError
 from ...steering.anchors import records, source_name, strings, text_field

@@ -33,20 +33,32 @@ class CmrmVectors(Artifact):
         return f"corruption {self.corruption}; share of anchors moved closer to text-only per layer: {moved}"
 
     def _metadata(self):
-        return {"corruption": self.corruption, "alpha": repr(self.alpha), "orientation_check": json.dumps(self.orientation)}
+        return {
+            "corruption": self.corruption,
+            "alpha": repr(self.alpha),
+            "orientation_check": json.dumps(self.orientation),
+        }
 
     @classmethod
     def _from_parts(cls, by_layer, reader, **common):
         corruption = reader.text("corruption")
         if corruption not in ("blank", "noise"):
-            raise ArtifactError(f"metadata `corruption` must be 'blank' or 'noise', got {corruption!r}",
-                                source=reader.source)
-        return cls(vectors=by_layer, corruption=corruption, alpha=reader.number("alpha"),
-                   orientation=reader.json("orientation_check", dict), **common)
+            raise ArtifactError(
+                f"metadata `corruption` must be 'blank' or 'noise', got {corruption!r}", source=reader.source
+            )
+        return cls(
+            vectors=by_layer,
+            corruption=corruption,
+            alpha=reader.number("alpha"),
+            orientation=reader.json("orientation_check", dict),
+            **common,
+        )
 
     def _validate(self, source):
         for layer, vector in self.vectors.items():
             if vector.shape != (self.model.hidden_size,):
-                raise ArtifactError(f"tensor 'vector.{layer}' has shape {tuple(vector.shape)}, expected "
-                                    f"({self.model.hidden_size},) for hidden size {self.model.hidden_size}",
-                                    source=source)
+                raise ArtifactError(
+                    f"tensor 'vector.{layer}' has shape {tuple(vector.shape)}, expected "
+                    f"({self.model.hidden_size},) for hidden size {self.model.hidden_size}",
+                    source=source,
+                )

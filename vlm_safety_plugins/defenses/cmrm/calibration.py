@@ -10,7 +10,7 @@ also what sample-level CMRM runs per request at generation time.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from PIL import Image
@@ -26,8 +26,15 @@ CORRUPTIONS = ("blank", "noise")
 CHECKED_ANCHORS = 128  # the direction check keeps this many per-anchor shifts in memory
 
 
-def modality_shift(model, adapter, requests: Sequence[tuple[str, Image.Image]], layers: Sequence[int], *,
-                   corrupt: str = "blank", seed: int = 0) -> dict[int, torch.Tensor]:
+def modality_shift(
+    model,
+    adapter,
+    requests: Sequence[tuple[str, Image.Image]],
+    layers: Sequence[int],
+    *,
+    corrupt: str = "blank",
+    seed: int = 0,
+) -> dict[int, torch.Tensor]:
     """Per layer, ``h(text-only) − h(corrupted image)`` at the last prompt token, one row per request.
 
     Two forward passes, each batched over the requests: every request with a corrupted image
@@ -36,16 +43,26 @@ def modality_shift(model, adapter, requests: Sequence[tuple[str, Image.Image]], 
     """
     if corrupt not in CORRUPTIONS:
         raise ValueError(f"corrupt must be one of {', '.join(CORRUPTIONS)}; got {corrupt!r}")
-    corrupted = last_prompt_states(model, adapter, on_model(
-        adapter, adapter.build_inputs(requests, image_mode=corrupt, seed=seed)), layers)
-    text_only = last_prompt_states(model, adapter, on_model(
-        adapter, adapter.build_inputs(requests, image_mode="none")), layers)
+    corrupted = last_prompt_states(
+        model, adapter, on_model(adapter, adapter.build_inputs(requests, image_mode=corrupt, seed=seed)), layers
+    )
+    text_only = last_prompt_states(
+        model, adapter, on_model(adapter, adapter.build_inputs(requests, image_mode="none")), layers
+    )
     return {layer: text_only[layer] - corrupted[layer] for layer in corrupted}
 
 
-def calibrate_cmrm(model, processor, anchors: str | Sequence[str] | None = None, *, layers: Sequence[int] | None = None,
-                   corrupt: str = "blank", batch_size: int = 8, model_name: str | None = None,
-                   progress: Progress | None = None) -> CmrmVectors:
+def calibrate_cmrm(
+    model,
+    processor,
+    anchors: str | Sequence[str] | None = None,
+    *,
+    layers: Sequence[int] | None = None,
+    corrupt: str = "blank",
+    batch_size: int = 8,
+    model_name: str | None = None,
+    progress: Progress | None = None,
+) -> CmrmVectors:
     """CMRM's dataset-level shift vectors of ``model`` over ``anchors`` (a JSONL path, a list of
     questions, or None for the shipped set); ``layers`` default to every decoder layer."""
     adapter = adapter_of(model, processor)
@@ -58,8 +75,9 @@ def calibrate_cmrm(model, processor, anchors: str | Sequence[str] | None = None,
     total = {layer: torch.zeros(adapter.hidden_size(), dtype=torch.float64) for layer in layers}
     kept: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for index, chunk in enumerate(batches(texts, batch_size)):
-        shifts = modality_shift(model, adapter, [(text, stand_in) for text in chunk], layers, corrupt=corrupt,
-                                seed=index)
+        shifts = modality_shift(
+            model, adapter, [(text, stand_in) for text in chunk], layers, corrupt=corrupt, seed=index
+        )
         for layer, shift in shifts.items():
             shift = shift.detach().to("cpu", torch.float64)
             total[layer] += shift.sum(dim=0)
@@ -70,10 +88,20 @@ def calibrate_cmrm(model, processor, anchors: str | Sequence[str] | None = None,
     vectors = {layer: (total[layer] / len(texts)).float() for layer in layers}
     closer = {layer: _fraction_moved_closer(torch.cat(kept[layer]), vectors[layer].double()) for layer in layers}
     # Passed: adding v brings most anchors' corrupted-image states closer to their text-only ones.
-    orientation = {"passed": sum(closer.values()) / len(closer) > 0.5, "checked_anchors": min(
-        len(texts), CHECKED_ANCHORS), "moved_closer": {str(layer): value for layer, value in closer.items()}}
-    return CmrmVectors(model=ModelIdentity.of(adapter, model_name), anchors=len(texts), anchor_source=source,
-                       vectors=vectors, corruption=corrupt, alpha=1.0, orientation=orientation)
+    orientation = {
+        "passed": sum(closer.values()) / len(closer) > 0.5,
+        "checked_anchors": min(len(texts), CHECKED_ANCHORS),
+        "moved_closer": {str(layer): value for layer, value in closer.items()},
+    }
+    return CmrmVectors(
+        model=ModelIdentity.of(adapter, model_name),
+        anchors=len(texts),
+        anchor_source=source,
+        vectors=vectors,
+        corruption=corrupt,
+        alpha=1.0,
+        orientation=orientation,
+    )
 
 
 def _fraction_moved_closer(shifts: torch.Tensor, vector: torch.Tensor) -> float:

@@ -23,40 +23,59 @@ from typing import Literal
 
 import torch
 
-from .artifact import CmrmVectors
-from .calibration import CORRUPTIONS, modality_shift
 from ...core.defense import Defense
 from ...core.errors import ArtifactError, ConfigError, DefenseError
-from ...steering.interventions import SCOPE_DOC, SCOPES, AddVector
 from ...core.options import option
 from ...core.report import MODIFIED
+from ...steering.interventions import SCOPE_DOC, SCOPES, AddVector
+from .artifact import CmrmVectors
+from .calibration import CORRUPTIONS, modality_shift
 
 DEFAULT_ALPHA = {"dataset": 1.0, "sample": 0.5}
 
 
 @dataclass(frozen=True)
 class CmrmOptions:
-    vectors: str | None = option(None, doc="Dataset-level artifact from `vlm-safety calibrate cmrm` (a .safetensors "
-                                           "path, relative to the working directory); required for `level: dataset`.")
+    vectors: str | None = option(
+        None,
+        doc="Dataset-level artifact from `vlm-safety calibrate cmrm` (a .safetensors "
+        "path, relative to the working directory); required for `level: dataset`.",
+    )
     level: Literal["dataset", "sample"] = option(
-        "dataset", doc="`dataset`: the artifact's vectors; `sample`: per request, from two extra prefill passes "
-                       "(corrupted image and text only).")
-    alpha: float | None = option(None, doc="Strength α of `h ← h + α·v`; default 1.0 at dataset level, 0.5 at sample "
-                                           "level. 0 is exactly the undefended model.", min=0.0)
-    layers: list[int] | None = option(None, doc="Decoder layers to steer; default: every layer of the artifact "
-                                                "(dataset) or of the model (sample).", min=0, min_items=1)
+        "dataset",
+        doc="`dataset`: the artifact's vectors; `sample`: per request, from two extra prefill passes "
+        "(corrupted image and text only).",
+    )
+    alpha: float | None = option(
+        None,
+        doc="Strength α of `h ← h + α·v`; default 1.0 at dataset level, 0.5 at sample "
+        "level. 0 is exactly the undefended model.",
+        min=0.0,
+    )
+    layers: list[int] | None = option(
+        None,
+        doc="Decoder layers to steer; default: every layer of the artifact (dataset) or of the model (sample).",
+        min=0,
+        min_items=1,
+    )
     scope: Literal[SCOPES] = option("last_prompt_and_generated", doc=SCOPE_DOC)
     corrupt: Literal[CORRUPTIONS] | None = option(
-        None, doc="The corrupted image: `blank` (grey) or `noise`. Sample level: default `blank`; dataset level: "
-                  "fixed by the artifact, an explicit value must match it.")
+        None,
+        doc="The corrupted image: `blank` (grey) or `noise`. Sample level: default `blank`; dataset level: "
+        "fixed by the artifact, an explicit value must match it.",
+    )
 
     def __post_init__(self):
         if self.level == "dataset" and self.vectors is None:
-            raise ConfigError("required for `level: dataset` (make an artifact with `vlm-safety calibrate cmrm`), "
-                              "or set `level: sample`", path="vectors")
+            raise ConfigError(
+                "required for `level: dataset` (make an artifact with `vlm-safety calibrate cmrm`), "
+                "or set `level: sample`",
+                path="vectors",
+            )
         if self.level == "sample" and self.vectors is not None:
-            raise ConfigError("only for `level: dataset`; sample-level vectors are computed per request",
-                              path="vectors")
+            raise ConfigError(
+                "only for `level: dataset`; sample-level vectors are computed per request", path="vectors"
+            )
 
 
 class Cmrm(Defense):
@@ -76,8 +95,11 @@ class Cmrm(Defense):
             if options.layers is not None:
                 self.artifact.check_layers(options.layers, what="defenses.cmrm.layers")
             if options.corrupt not in (None, self.artifact.corruption):
-                raise ArtifactError(f"defenses.cmrm.corrupt is {options.corrupt!r}, but the artifact was computed "
-                                    f"with {self.artifact.corruption!r} images", source=self.artifact.path)
+                raise ArtifactError(
+                    f"defenses.cmrm.corrupt is {options.corrupt!r}, but the artifact was computed "
+                    f"with {self.artifact.corruption!r} images",
+                    source=self.artifact.path,
+                )
             self.corrupt = self.artifact.corruption
 
     @classmethod
@@ -94,8 +116,9 @@ class Cmrm(Defense):
         layers = self._layers(call)
         applied = self.alpha > 0
         for record in self.records(call, ran=image_rows):
-            record.details.update(level=self.options.level, alpha=self.alpha, layers=layers,
-                                  applied=record.ran and applied)
+            record.details.update(
+                level=self.options.level, alpha=self.alpha, layers=layers, applied=record.ran and applied
+            )
             if record.ran and applied:
                 record.decision = MODIFIED
         if not applied or not any(image_rows):
@@ -104,8 +127,9 @@ class Cmrm(Defense):
             vectors = self.artifact.on_model(call.adapter, layers)
         else:
             vectors = self._sample_vectors(call, image_rows, layers)
-        return [AddVector(vectors, alpha=self.alpha, scope=self.options.scope,
-                          rows=None if all(image_rows) else image_rows)]
+        return [
+            AddVector(vectors, alpha=self.alpha, scope=self.options.scope, rows=None if all(image_rows) else image_rows)
+        ]
 
     def _layers(self, call) -> list[int]:
         if self.options.layers is not None:
@@ -119,8 +143,9 @@ class Cmrm(Defense):
         and other inner generates reuse these vectors.
         """
         image_row_indices = [row for row, has_image in enumerate(image_rows) if has_image]
-        requests = [(call.adapter.user_text(call.inputs["input_ids"][row]), self._image(call, row))
-                    for row in image_row_indices]
+        requests = [
+            (call.adapter.user_text(call.inputs["input_ids"][row]), self._image(call, row)) for row in image_row_indices
+        ]
         shifts = modality_shift(call.model, call.adapter, requests, layers, corrupt=self.corrupt)
         steered = torch.tensor(image_rows)
         vectors = {}
@@ -136,6 +161,8 @@ class Cmrm(Defense):
     def _image(call, row: int):
         images = call.images[row]
         if len(images) != 1:
-            raise DefenseError(f"row {row}: sample-level CMRM needs exactly one image per image row, got "
-                               f"{len(images)} (pass images= to generate, one per row)")
+            raise DefenseError(
+                f"row {row}: sample-level CMRM needs exactly one image per image row, got "
+                f"{len(images)} (pass images= to generate, one per row)"
+            )
         return images[0]

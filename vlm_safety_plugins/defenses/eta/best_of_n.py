@@ -10,8 +10,8 @@ round continues from it without recomputation.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
@@ -82,18 +82,22 @@ class GrowingLayer(DynamicLayer):
         length, new = self.get_seq_length(), key_states.shape[-2]
         if not (self._in_buffer(length) and length + new <= self._key_buffer.shape[-2]):
             self._rebuffer(length, key_states, room=new + max(64, (length + new) // 8))
-        self._key_buffer[..., length:length + new, :] = key_states
-        self._value_buffer[..., length:length + new, :] = value_states
-        self.keys = self._key_buffer[..., :length + new, :]
-        self.values = self._value_buffer[..., :length + new, :]
+        self._key_buffer[..., length : length + new, :] = key_states
+        self._value_buffer[..., length : length + new, :] = value_states
+        self.keys = self._key_buffer[..., : length + new, :]
+        self.values = self._value_buffer[..., : length + new, :]
         return self.keys, self.values
 
     def _in_buffer(self, length: int) -> bool:
         """Whether ``keys``/``values`` are still the first ``length`` positions of our buffers."""
         buffer = getattr(self, "_key_buffer", None)
-        return (buffer is not None and self.keys.data_ptr() == buffer.data_ptr()
-                and self.values.data_ptr() == self._value_buffer.data_ptr()
-                and self.keys.shape[:2] == buffer.shape[:2] and self.keys.stride() == buffer.stride())
+        return (
+            buffer is not None
+            and self.keys.data_ptr() == buffer.data_ptr()
+            and self.values.data_ptr() == self._value_buffer.data_ptr()
+            and self.keys.shape[:2] == buffer.shape[:2]
+            and self.keys.stride() == buffer.stride()
+        )
 
     def _rebuffer(self, length: int, like: torch.Tensor, *, room: int) -> None:
         batch, heads, _, width = like.shape
@@ -119,16 +123,29 @@ def recording_cache(config) -> DynamicCache:
 def prefill_cache(generate: Callable, config, inputs: dict[str, torch.Tensor]) -> DynamicCache:
     """A cache holding all but the last position of ``inputs`` (images included), one row per row."""
     cache = recording_cache(config)
-    generate(**inputs, past_key_values=cache, max_new_tokens=1, min_new_tokens=0, do_sample=False, num_beams=1,
-             streamer=None)
+    generate(
+        **inputs, past_key_values=cache, max_new_tokens=1, min_new_tokens=0, do_sample=False, num_beams=1, streamer=None
+    )
     cache.crop(-1)
     return cache
 
 
-def sentence_best_of_n(generate: Callable, tokenizer, context: dict[str, torch.Tensor], score: Scorer, *,
-                       cache: DynamicCache, n: int, top_k: int, temperature: float,
-                       max_sentence_tokens: int, max_new_tokens: int, boundary: str,
-                       eos_token_id: int | Sequence[int], streamer=None) -> SearchResult:
+def sentence_best_of_n(
+    generate: Callable,
+    tokenizer,
+    context: dict[str, torch.Tensor],
+    score: Scorer,
+    *,
+    cache: DynamicCache,
+    n: int,
+    top_k: int,
+    temperature: float,
+    max_sentence_tokens: int,
+    max_new_tokens: int,
+    boundary: str,
+    eos_token_id: int | Sequence[int],
+    streamer=None,
+) -> SearchResult:
     """Extend one row's ``context`` sentence by sentence, keeping the best of ``n`` each time.
 
     ``context`` holds the per-position model inputs of a single row (``input_ids``
@@ -143,9 +160,18 @@ def sentence_best_of_n(generate: Callable, tokenizer, context: dict[str, torch.T
     result = SearchResult()
     while len(result.token_ids) < max_new_tokens:
         started = time.perf_counter()
-        candidates = _sample(generate, tokenizer, context, cache, n=n, top_k=top_k, temperature=temperature,
-                             max_tokens=min(max_sentence_tokens, max_new_tokens - len(result.token_ids)),
-                             boundary=boundary, eos=eos)
+        candidates = _sample(
+            generate,
+            tokenizer,
+            context,
+            cache,
+            n=n,
+            top_k=top_k,
+            temperature=temperature,
+            max_tokens=min(max_sentence_tokens, max_new_tokens - len(result.token_ids)),
+            boundary=boundary,
+            eos=eos,
+        )
         result.decode_s += time.perf_counter() - started
         started = time.perf_counter()
         scores = score(candidates, result.sentences + 1, result.token_ids)
@@ -170,13 +196,26 @@ def _sample(generate, tokenizer, context, cache, *, n, top_k, temperature, max_t
     start = context["input_ids"].shape[1]
     cache.batch_repeat_interleave(n)
     cache.activate_past_recording()  # sliding-window layers keep what the crop may need
-    recorder = _StopRecorder(SentenceBoundaryCriteria(tokenizer, prompt_length=start, max_sentence_tokens=max_tokens,
-                                                      eos_token_id=sorted(eos), boundary=boundary), start)
+    recorder = _StopRecorder(
+        SentenceBoundaryCriteria(
+            tokenizer, prompt_length=start, max_sentence_tokens=max_tokens, eos_token_id=sorted(eos), boundary=boundary
+        ),
+        start,
+    )
     batch = {name: value.repeat_interleave(n, dim=0) for name, value in context.items()}
-    output = generate(**batch, past_key_values=cache, do_sample=True, top_k=top_k, top_p=1.0,
-                      temperature=temperature, max_new_tokens=max_tokens, min_new_tokens=0,
-                      stopping_criteria=StoppingCriteriaList([recorder]), return_dict_in_generate=True,
-                      streamer=None)
+    output = generate(
+        **batch,
+        past_key_values=cache,
+        do_sample=True,
+        top_k=top_k,
+        top_p=1.0,
+        temperature=temperature,
+        max_new_tokens=max_tokens,
+        min_new_tokens=0,
+        stopping_criteria=StoppingCriteriaList([recorder]),
+        return_dict_in_generate=True,
+        streamer=None,
+    )
     new = output.sequences[:, start:]
     lengths = [length or new.shape[1] for length in (recorder.lengths or [new.shape[1]] * n)]
     token_ids = [new[row, :length].tolist() for row, length in enumerate(lengths)]

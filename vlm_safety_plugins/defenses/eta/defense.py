@@ -19,20 +19,22 @@ import torch
 from transformers import DynamicCache
 
 from ...core import plugins
-from .best_of_n import GROWING_INPUTS, extend_context, keep_row, prefill_cache, recording_cache, sentence_best_of_n
 from ...core.defense import Defense
 from ...core.errors import DefenseError
-from ...scorers.reward import BEST_OF_N_INSTRUCTION, POST_EVAL_INSTRUCTION
 from ...core.options import option
 from ...core.report import MODIFIED
+from ...scorers.reward import BEST_OF_N_INSTRUCTION, POST_EVAL_INSTRUCTION
+from .best_of_n import GROWING_INPUTS, extend_context, keep_row, prefill_cache, recording_cache, sentence_best_of_n
 
 
 @dataclass(frozen=True)
 class ClipOptions:
     evaluator: str = option("clip", doc="Registered image-safety evaluator to use (see `vlm-safety plugins`).")
     backend: Literal["open_clip", "transformers"] = option("open_clip", doc="CLIP implementation.")
-    model: str = option("ViT-L-14-336", doc="open_clip model name, or a transformers hub id / local path; "
-                                            "`tiny-clip` builds the offline test model.")
+    model: str = option(
+        "ViT-L-14-336",
+        doc="open_clip model name, or a transformers hub id / local path; `tiny-clip` builds the offline test model.",
+    )
     pretrained: str | None = option("openai", doc="open_clip pretrained tag (ignored by transformers).")
     device: str | None = option(None, doc="Device for CLIP; default: the VLM's device.")
 
@@ -40,8 +42,10 @@ class ClipOptions:
 @dataclass(frozen=True)
 class RewardModelOptions:
     evaluator: str = option("reward_model", doc="Registered reward evaluator to use (see `vlm-safety plugins`).")
-    path: str = option("RLHFlow/ArmoRM-Llama3-8B-v0.1", doc="Reward model hub id or local path; "
-                                                            "`tiny-reward-model` builds the offline test model.")
+    path: str = option(
+        "RLHFlow/ArmoRM-Llama3-8B-v0.1",
+        doc="Reward model hub id or local path; `tiny-reward-model` builds the offline test model.",
+    )
     trust_remote_code: bool = option(True, doc="Needed by ArmoRM's custom output with `.score`.")
     max_length: int = option(4096, doc="Reward-model input is truncated to this many tokens.", min=8)
     device: str | None = option(None, doc="Device for the reward model; default: the VLM's device.")
@@ -58,24 +62,31 @@ class BestOfNOptions:
 
 @dataclass(frozen=True)
 class EtaOptions:
-    pre_threshold: float = option(0.16, doc="CLIP cosine at or above which the image is judged unsafe.",
-                                  min=-1.0, max=1.0)
+    pre_threshold: float = option(
+        0.16, doc="CLIP cosine at or above which the image is judged unsafe.", min=-1.0, max=1.0
+    )
     post_threshold: float = option(0.06, doc="Reward at or below which the answer is judged unsafe.")
     clip: ClipOptions = option(ClipOptions(), doc="Pre-generation evaluator (image safety).")
     reward_model: RewardModelOptions = option(RewardModelOptions(), doc="Post-generation evaluator.")
     prefix: str = option("As an AI assistant", doc="Interference prefix: the aligned answer's first words.")
     best_of_n: BestOfNOptions = option(BestOfNOptions(), doc="Sentence-level best-of-N search.")
-    max_new_tokens: int = option(1024, doc="Cap on the aligned answer (also capped by the call's max_new_tokens).",
-                                 min=1)
-    boundary: Literal["text", "reference"] = option("text", doc="Sentence boundary: `text` (. ? ! newline, not "
-                                                                "decimals or list numbers) or `reference` (. only).")
+    max_new_tokens: int = option(
+        1024, doc="Cap on the aligned answer (also capped by the call's max_new_tokens).", min=1
+    )
+    boundary: Literal["text", "reference"] = option(
+        "text", doc="Sentence boundary: `text` (. ? ! newline, not decimals or list numbers) or `reference` (. only)."
+    )
     alignment: Literal["full", "shallow_only", "deep_only"] = option(
-        "full", doc="Ablations: `shallow_only` = prefix then ordinary decoding; `deep_only` = best-of-N, no prefix.")
-    text_only: Literal["post", "pass"] = option("post", doc="Rows without an image: decided by the post-check "
-                                                            "alone (`post`), or never aligned (`pass`).")
+        "full", doc="Ablations: `shallow_only` = prefix then ordinary decoding; `deep_only` = best-of-N, no prefix."
+    )
+    text_only: Literal["post", "pass"] = option(
+        "post", doc="Rows without an image: decided by the post-check alone (`post`), or never aligned (`pass`)."
+    )
     reward_sees: Literal["instruction", "question"] = option(
-        "instruction", doc="What the reward model sees as the user turn: the reference's fixed safety "
-                           "instruction, or the user's real question.")
+        "instruction",
+        doc="What the reward model sees as the user turn: the reference's fixed safety "
+        "instruction, or the user's real question.",
+    )
 
 
 class Eta(Defense):
@@ -90,8 +101,10 @@ class Eta(Defense):
         scorers = {"clip": {"model": "tiny-clip"}, "reward_model": {"path": "tiny-reward-model"}}
         # neutral: no image is unsafe (cosine < 1) and text-only rows pass; active: every row is
         # judged unsafe and aligned by the prefix alone (greedy, so deterministic)
-        return {"neutral": {**scorers, "pre_threshold": 1.0, "text_only": "pass"},
-                "active": {**scorers, "pre_threshold": -1.0, "post_threshold": 1e9, "alignment": "shallow_only"}}
+        return {
+            "neutral": {**scorers, "pre_threshold": 1.0, "text_only": "pass"},
+            "active": {**scorers, "pre_threshold": -1.0, "post_threshold": 1e9, "alignment": "shallow_only"},
+        }
 
     def around_generate(self, call, proceed):
         options, rows = self.options, range(call.batch_size)
@@ -102,13 +115,17 @@ class Eta(Defense):
         started = time.perf_counter()
         image_embeddings, pre = self._pre_check(call)
         clip_s = time.perf_counter() - started
-        checked = [row for row in rows if (pre[row] >= options.pre_threshold if pre[row] is not None
-                                           else options.text_only == "post")]
+        checked = [
+            row
+            for row in rows
+            if (pre[row] >= options.pre_threshold if pre[row] is not None else options.text_only == "post")
+        ]
         for row, record in enumerate(records):
             if pre[row] is not None:
                 record.scores["pre"] = pre[row]
-            record.details.update(pre_unsafe=pre[row] is not None and row in checked, unsafe=False, aligned=False,
-                                  time_s={"clip": clip_s})
+            record.details.update(
+                pre_unsafe=pre[row] is not None and row in checked, unsafe=False, aligned=False, time_s={"clip": clip_s}
+            )
         if not checked:
             return proceed()
 
@@ -175,8 +192,9 @@ class Eta(Defense):
         """
         options = self.options
         call.adapter.select_cached_rows([row])
-        prompt = {name: call.inputs[name][row:row + 1] for name in ("input_ids", *GROWING_INPUTS)
-                  if name in call.inputs}
+        prompt = {
+            name: call.inputs[name][row : row + 1] for name in ("input_ids", *GROWING_INPUTS) if name in call.inputs
+        }
         budget = min(options.max_new_tokens, call.generation_config.max_new_tokens or options.max_new_tokens)
         prefix = (call.adapter.response_ids(options.prefix) if options.alignment != "deep_only" else [])[:budget]
         context = extend_context(prompt, prefix)
@@ -192,16 +210,25 @@ class Eta(Defense):
             return prefix
         if options.alignment == "shallow_only":
             output = generate(**context, past_key_values=cache, max_new_tokens=budget - len(prefix), streamer=None)
-            tokens = output.sequences[0, context["input_ids"].shape[1]:].tolist()
+            tokens = output.sequences[0, context["input_ids"].shape[1] :].tolist()
             if streamer is not None:
                 streamer.put(torch.tensor(tokens, dtype=torch.long))
             return prefix + tokens
         search = sentence_best_of_n(
-            generate, call.adapter.tokenizer, context, self._scorer(call, row, prefix, image_embedding),
-            cache=cache, n=options.best_of_n.n, top_k=options.best_of_n.top_k,
-            temperature=options.best_of_n.temperature, max_sentence_tokens=options.best_of_n.max_sentence_tokens,
-            max_new_tokens=budget - len(prefix), boundary=options.boundary,
-            eos_token_id=call.eos_token_ids(), streamer=streamer)
+            generate,
+            call.adapter.tokenizer,
+            context,
+            self._scorer(call, row, prefix, image_embedding),
+            cache=cache,
+            n=options.best_of_n.n,
+            top_k=options.best_of_n.top_k,
+            temperature=options.best_of_n.temperature,
+            max_sentence_tokens=options.best_of_n.max_sentence_tokens,
+            max_new_tokens=budget - len(prefix),
+            boundary=options.boundary,
+            eos_token_id=call.eos_token_ids(),
+            streamer=streamer,
+        )
         record = call.record(self.name, row)
         record.details.update(sentences=search.sentences, candidates=search.candidates)
         record.details["time_s"].update(decode=search.decode_s, score=search.score_s)
@@ -214,8 +241,9 @@ class Eta(Defense):
         user_turn = self._user_turns(call, [row], BEST_OF_N_INSTRUCTION)[0]
 
         def score(candidates, index, accepted):
-            responses = tokenizer.batch_decode([prefix + accepted + ids for ids in candidates.token_ids],
-                                               skip_special_tokens=True)
+            responses = tokenizer.batch_decode(
+                [prefix + accepted + ids for ids in candidates.token_ids], skip_special_tokens=True
+            )
             rewards = reward.score([user_turn] * len(responses), responses)
             utilities = None
             if uses_utility(index, candidates.ended_with_eos) and image_embedding is not None and alpha:
@@ -237,7 +265,7 @@ class Eta(Defense):
         if call.streamer is not None:
             if not call.streamer.started:
                 call.streamer.put(prompt.cpu())
-                call.streamer.put(output.sequences[:, prompt.shape[1]:].cpu())
+                call.streamer.put(output.sequences[:, prompt.shape[1] :].cpu())
             call.streamer.end()
         return output
 
@@ -245,8 +273,10 @@ class Eta(Defense):
         options = self.options.clip
         device = options.device or str(call.model.device)
         cls = _evaluator(options.evaluator, "image_safety", "clip.evaluator")
-        return call.resources.get((cls, options.backend, options.model, options.pretrained, device),
-                                  lambda: cls.load(options.backend, options.model, options.pretrained, device))
+        return call.resources.get(
+            (cls, options.backend, options.model, options.pretrained, device),
+            lambda: cls.load(options.backend, options.model, options.pretrained, device),
+        )
 
     def _reward(self, call):
         options = self.options.reward_model
@@ -254,8 +284,10 @@ class Eta(Defense):
         cls = _evaluator(options.evaluator, "reward", "reward_model.evaluator")
         return call.resources.get(
             (cls, options.path, options.trust_remote_code, options.max_length, device),
-            lambda: cls.load(options.path, trust_remote_code=options.trust_remote_code,
-                             max_length=options.max_length, device=device))
+            lambda: cls.load(
+                options.path, trust_remote_code=options.trust_remote_code, max_length=options.max_length, device=device
+            ),
+        )
 
 
 def _evaluator(name: str, kind: str, key: str) -> type:
@@ -263,8 +295,9 @@ def _evaluator(name: str, kind: str, key: str) -> type:
     registered = plugins.registry().evaluators
     if name not in registered or registered[name].cls.kind != kind:
         known = sorted(item.name for item in registered.values() if item.cls.kind == kind)
-        raise DefenseError(f"eta: {key} names no registered {kind} evaluator {name!r}; "
-                           f"registered: {', '.join(known) or 'none'}")
+        raise DefenseError(
+            f"eta: {key} names no registered {kind} evaluator {name!r}; registered: {', '.join(known) or 'none'}"
+        )
     return registered[name].cls
 
 
@@ -273,8 +306,9 @@ def uses_utility(index: int, ended_with_eos: list[bool]) -> bool:
     return index > 1 and not any(ended_with_eos)
 
 
-def candidate_scores(rewards: torch.Tensor, utilities: torch.Tensor | None, *, index: int,
-                     alpha: float) -> torch.Tensor:
+def candidate_scores(
+    rewards: torch.Tensor, utilities: torch.Tensor | None, *, index: int, alpha: float
+) -> torch.Tensor:
     """ETA's best-of-N score (docs/defenses/eta.md): ``reward + (α / i) · cos(image, sentence)``, or the
     reward alone when there is no utility term (see ``uses_utility``)."""
     if utilities is None:

@@ -32,8 +32,9 @@ def pre_scores(records: list[dict], defense: str = NAME) -> dict[str, list[float
     return scores
 
 
-def pre_score_histogram(records: list[dict], threshold: float | None, path: str | Path,
-                        defense: str = NAME) -> Path | None:
+def pre_score_histogram(
+    records: list[dict], threshold: float | None, path: str | Path, defense: str = NAME
+) -> Path | None:
     """ETA's Fig. 2: histograms of the CLIP pre-scores of unsafe (harmful samples') and safe
     (benign samples') images, the ``pre_threshold`` as a vertical line. Returns None, writing
     nothing, when no row has a pre score (ETA did not run, or no row had an image)."""
@@ -44,8 +45,10 @@ def pre_score_histogram(records: list[dict], threshold: float | None, path: str 
     figure, axes = new_figure()
     low, high = min(values + ([threshold] if threshold is not None else [])), max(values)
     bins = [low + (high - low) * step / 30 for step in range(31)] if high > low else 10
-    for label, colour, name in (("benign", "tab:blue", "safe (benign samples)"),
-                                ("harmful", "tab:red", "unsafe (harmful samples)")):
+    for label, colour, name in (
+        ("benign", "tab:blue", "safe (benign samples)"),
+        ("harmful", "tab:red", "unsafe (harmful samples)"),
+    ):
         if scores[label]:
             axes.hist(scores[label], bins=bins, alpha=0.6, color=colour, label=f"{name}, n={len(scores[label])}")
     if threshold is not None:

@@ -138,8 +138,15 @@ class SentenceBoundaryCriteria(StoppingCriteria):
         'It is 3.5 m tall.'
     """
 
-    def __init__(self, tokenizer, *, prompt_length: int | None = None, max_sentence_tokens: int = 70,
-                 eos_token_id: int | list[int] | None = None, boundary: str = "text"):
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        prompt_length: int | None = None,
+        max_sentence_tokens: int = 70,
+        eos_token_id: int | list[int] | None = None,
+        boundary: str = "text",
+    ):
         if boundary not in BOUNDARIES:
             raise ValueError(f"boundary must be one of {', '.join(BOUNDARIES)}; got {boundary!r}")
         if max_sentence_tokens < 1:
@@ -158,16 +165,17 @@ class SentenceBoundaryCriteria(StoppingCriteria):
         generated = input_ids.shape[1] - self.prompt_length
         if generated <= 0 or generated >= self.max_sentence_tokens:
             return torch.full((input_ids.shape[0],), generated > 0, dtype=torch.bool, device=input_ids.device)
-        tails = input_ids[:, -min(generated, _TAIL):].tolist()
+        tails = input_ids[:, -min(generated, _TAIL) :].tolist()
         decode = self.tokenizer.batch_decode
         if self.boundary == "reference":
             newest = decode([tail[-1:] for tail in tails], skip_special_tokens=True, clean_up_tokenization_spaces=False)
             ends = [text.strip() == "." for text in newest]
         else:
-            texts = decode(tails + [tail[:-1] for tail in tails], skip_special_tokens=True,
-                           clean_up_tokenization_spaces=False)
+            texts = decode(
+                tails + [tail[:-1] for tail in tails], skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
             at_start = generated <= _TAIL
-            ends = [_completes_sentence(before, text, at_start) for text, before in zip(texts, texts[len(tails):])]
+            ends = [_completes_sentence(before, text, at_start) for text, before in zip(texts, texts[len(tails) :])]
         done = [tail[-1] in self.eos_token_ids or end for tail, end in zip(tails, ends)]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
@@ -186,7 +194,7 @@ def _completes_sentence(before: str, text: str, at_start: bool) -> bool:
     for end in _SENTENCE_END.finditer(text):
         terminators = end.group().rstrip(_CLOSERS)
         last = end.start() + len(terminators) - 1
-        undecided = terminators == "." and text[end.start() - 1:end.start()].isdigit()
+        undecided = terminators == "." and text[end.start() - 1 : end.start()].isdigit()
         if undecided:
             number = _LINE_NUMBER.search(text, 0, end.start())
             if number and (number.group(1) or at_start):

@@ -37,14 +37,22 @@ class SafetySubspace(Artifact):
     def summary(self) -> str:
         """One line on the subspace: rank, default layers, per layer τ and share of pairs ordered right."""
         checks = self.orientation.get("per_layer", {})
-        per_layer = ", ".join(f"{layer}: τ={self.thresholds[int(layer)]:.4g} {check['pair_accuracy']:.2f}"
-                              for layer, check in checks.items())
-        return (f"rank {self.rank}; default layers {self.default_layers}; per layer τ and share of pairs with "
-                f"harmful above harmless: {per_layer}")
+        per_layer = ", ".join(
+            f"{layer}: τ={self.thresholds[int(layer)]:.4g} {check['pair_accuracy']:.2f}"
+            for layer, check in checks.items()
+        )
+        return (
+            f"rank {self.rank}; default layers {self.default_layers}; per layer τ and share of pairs with "
+            f"harmful above harmless: {per_layer}"
+        )
 
     def _metadata(self):
-        return {"rank": str(self.rank), "tau": json.dumps({str(layer): tau for layer, tau in self.thresholds.items()}),
-                "default_layers": json.dumps(self.default_layers), "orientation_check": json.dumps(self.orientation)}
+        return {
+            "rank": str(self.rank),
+            "tau": json.dumps({str(layer): tau for layer, tau in self.thresholds.items()}),
+            "default_layers": json.dumps(self.default_layers),
+            "orientation_check": json.dumps(self.orientation),
+        }
 
     @classmethod
     def _from_parts(cls, by_layer, reader, **common):
@@ -52,10 +60,16 @@ class SafetySubspace(Artifact):
         try:
             thresholds = {int(layer): float(tau) for layer, tau in taus.items()}
         except (TypeError, ValueError):
-            raise ArtifactError(f"metadata `tau` must map layer indices to numbers, got {taus}",
-                                source=reader.source) from None
-        artifact = cls(bases=by_layer, thresholds=thresholds, default_layers=reader.json("default_layers", list),
-                       orientation=reader.json("orientation_check", dict), **common)
+            raise ArtifactError(
+                f"metadata `tau` must map layer indices to numbers, got {taus}", source=reader.source
+            ) from None
+        artifact = cls(
+            bases=by_layer,
+            thresholds=thresholds,
+            default_layers=reader.json("default_layers", list),
+            orientation=reader.json("orientation_check", dict),
+            **common,
+        )
         rank = reader.integer("rank")
         if any(basis.dim() != 2 or basis.shape[0] != rank for basis in by_layer.values()):
             raise ArtifactError(f"every basis must have {rank} rows (metadata `rank`)", source=reader.source)
@@ -65,8 +79,11 @@ class SafetySubspace(Artifact):
         size = self.model.hidden_size
         for layer, basis in self.bases.items():
             if basis.shape[1] != size:
-                raise ArtifactError(f"tensor 'basis.{layer}' has shape {tuple(basis.shape)}, expected "
-                                    f"({self.rank}, {size}) for hidden size {size}", source=source)
+                raise ArtifactError(
+                    f"tensor 'basis.{layer}' has shape {tuple(basis.shape)}, expected "
+                    f"({self.rank}, {size}) for hidden size {size}",
+                    source=source,
+                )
             gram = basis.double() @ basis.double().T
             if not torch.allclose(gram, torch.eye(basis.shape[0], dtype=torch.float64), atol=1e-3):
                 raise ArtifactError(f"tensor 'basis.{layer}' does not have orthonormal rows", source=source)

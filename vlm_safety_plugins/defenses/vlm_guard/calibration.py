@@ -9,7 +9,7 @@ and the gate threshold τ_l is the cut on that projection that best separates th
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -28,9 +28,17 @@ def middle_layers(num_layers: int) -> list[int]:
     return list(range(5 * num_layers // 16, 5 * num_layers // 8 + 1))
 
 
-def calibrate_vlm_guard(model, processor, pairs: str | Sequence[tuple[str, str]] | None = None, *,
-                        layers: Sequence[int] | None = None, rank: int = DEFAULT_RANK, batch_size: int = 8,
-                        model_name: str | None = None, progress: Progress | None = None) -> SafetySubspace:
+def calibrate_vlm_guard(
+    model,
+    processor,
+    pairs: str | Sequence[tuple[str, str]] | None = None,
+    *,
+    layers: Sequence[int] | None = None,
+    rank: int = DEFAULT_RANK,
+    batch_size: int = 8,
+    model_name: str | None = None,
+    progress: Progress | None = None,
+) -> SafetySubspace:
     """VLM-Guard's safety subspaces of ``model`` over harmful / harmless ``pairs`` (a JSONL path,
     a list, or None for the shipped set); ``layers`` default to every decoder layer, and the
     defense's default band to the middle layers."""
@@ -38,8 +46,10 @@ def calibrate_vlm_guard(model, processor, pairs: str | Sequence[tuple[str, str]]
     pairs, source = vlm_guard_pairs(pairs)
     chosen = layer_indices(layers, adapter)
     if not 1 <= rank <= min(len(pairs), adapter.hidden_size()):
-        raise ConfigError(f"rank must be between 1 and min(anchor pairs, hidden size) = "
-                          f"{min(len(pairs), adapter.hidden_size())}; got {rank}")
+        raise ConfigError(
+            f"rank must be between 1 and min(anchor pairs, hidden size) = "
+            f"{min(len(pairs), adapter.hidden_size())}; got {rank}"
+        )
     harmful: dict[int, list[torch.Tensor]] = {layer: [] for layer in chosen}
     harmless: dict[int, list[torch.Tensor]] = {layer: [] for layer in chosen}
     for chunk in batches(pairs, batch_size):
@@ -47,19 +57,29 @@ def calibrate_vlm_guard(model, processor, pairs: str | Sequence[tuple[str, str]]
         states = last_prompt_states(model, adapter, on_model(adapter, adapter.build_inputs(requests)), chosen)
         for layer, state in states.items():
             state = state.detach().to("cpu", torch.float32)
-            harmful[layer].append(state[:len(chunk)])
-            harmless[layer].append(state[len(chunk):])
+            harmful[layer].append(state[: len(chunk)])
+            harmless[layer].append(state[len(chunk) :])
         advance(progress, len(chunk))
     bases, thresholds, checks = {}, {}, {}
     for layer in chosen:
-        bases[layer], thresholds[layer], checks[layer] = _subspace(torch.cat(harmful[layer]).double(),
-                                                                   torch.cat(harmless[layer]).double(), rank)
+        bases[layer], thresholds[layer], checks[layer] = _subspace(
+            torch.cat(harmful[layer]).double(), torch.cat(harmless[layer]).double(), rank
+        )
     band = [layer for layer in middle_layers(len(adapter.decoder_layers())) if layer in chosen]
     default_layers = band if layers is None and band else chosen
-    orientation = {"passed": all(check["mean_gap"] > 0 for check in checks.values()),
-                   "per_layer": {str(layer): check for layer, check in checks.items()}}
-    return SafetySubspace(model=ModelIdentity.of(adapter, model_name), anchors=len(pairs), anchor_source=source,
-                          bases=bases, thresholds=thresholds, default_layers=default_layers, orientation=orientation)
+    orientation = {
+        "passed": all(check["mean_gap"] > 0 for check in checks.values()),
+        "per_layer": {str(layer): check for layer, check in checks.items()},
+    }
+    return SafetySubspace(
+        model=ModelIdentity.of(adapter, model_name),
+        anchors=len(pairs),
+        anchor_source=source,
+        bases=bases,
+        thresholds=thresholds,
+        default_layers=default_layers,
+        orientation=orientation,
+    )
 
 
 def _subspace(harmful: torch.Tensor, harmless: torch.Tensor, rank: int) -> tuple[torch.Tensor, float, dict]:
@@ -71,8 +91,11 @@ def _subspace(harmful: torch.Tensor, harmless: torch.Tensor, rank: int) -> tuple
         basis[0] = -basis[0]
     high, low = harmful @ basis[0], harmless @ basis[0]
     tau, accuracy = _best_threshold(high, low)
-    check = {"mean_gap": float(high.mean() - low.mean()), "pair_accuracy": float((high > low).double().mean()),
-             "gate_accuracy": accuracy}
+    check = {
+        "mean_gap": float(high.mean() - low.mean()),
+        "pair_accuracy": float((high > low).double().mean()),
+        "gate_accuracy": accuracy,
+    }
     return basis.float(), tau, check
 
 
@@ -80,8 +103,10 @@ def _best_threshold(high: torch.Tensor, low: torch.Tensor) -> tuple[float, float
     """The cut τ (fire when score > τ) with the best balanced accuracy; among ties, the middle one."""
     values = torch.unique(torch.cat([high, low]))
     candidates = torch.cat([values[:1] - 1, (values[1:] + values[:-1]) / 2, values[-1:] + 1])
-    accuracy = ((high[None, :] > candidates[:, None]).double().mean(dim=1)
-                + (low[None, :] <= candidates[:, None]).double().mean(dim=1)) / 2
+    accuracy = (
+        (high[None, :] > candidates[:, None]).double().mean(dim=1)
+        + (low[None, :] <= candidates[:, None]).double().mean(dim=1)
+    ) / 2
     best = (accuracy == accuracy.max()).nonzero().flatten()
     choice = int(best[len(best) // 2])
     return float(candidates[choice]), float(accuracy[choice])

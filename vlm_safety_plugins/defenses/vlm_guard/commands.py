@@ -11,8 +11,13 @@ from ...steering.commands import calibration_options, run_calibration
 
 @click.command()
 @calibration_options
-@click.option("--rank", default=5, show_default=True, type=click.IntRange(min=1),
-              help="Directions m kept per layer (top right singular vectors).")
+@click.option(
+    "--rank",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Directions m kept per layer (top right singular vectors).",
+)
 def calibrate_command(rank, **common):
     """VLM-Guard's safety subspaces, orientation and gate thresholds from harmful / harmless pairs."""
     from .anchors import vlm_guard_pairs

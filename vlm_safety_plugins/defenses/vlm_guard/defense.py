@@ -22,35 +22,52 @@ from typing import Literal
 
 import torch
 
-from .artifact import SafetySubspace
 from ...core.defense import Defense
 from ...core.errors import ArtifactError
-from ...steering.interventions import SCOPE_DOC, SCOPES, AddPromptProjection, Gate, ProjectOut
 from ...core.options import option
 from ...core.report import MODIFIED
+from ...steering.interventions import SCOPE_DOC, SCOPES, AddPromptProjection, Gate, ProjectOut
+from .artifact import SafetySubspace
 
 MODES = ("gated_amplify", "project_out", "both")
 
 
 @dataclass(frozen=True)
 class VlmGuardOptions:
-    subspace: str = option(doc="Artifact from `vlm-safety calibrate vlm-guard` (a .safetensors path, relative to "
-                               "the working directory).")
-    mode: Literal[MODES] = option("gated_amplify", doc="`gated_amplify`: push gated (harmful-looking) rows along "
-                                                      "their safety component; `project_out`: remove the safety "
-                                                      "subspace; `both`: project out, then amplify.")
-    rank: int | None = option(None, doc="Directions m of the subspace to use (at most the artifact's rank); "
-                                        "default: all of the artifact's.", min=1)
-    layers: list[int] | None = option(None, doc="Decoder layers to steer; default: the artifact's default band "
-                                                "(the middle layers when calibrated on all layers).", min=0,
-                                      min_items=1)
-    alpha: float = option(1.0, doc="Strength α of `gated_amplify` (the paper suggests 1 to 4); 0 turns it off.",
-                          min=0.0)
-    tau: float | None = option(None, doc="Gate threshold on `p·v1` at the gate layer; default: the artifact's "
-                                         "calibrated τ for that layer.")
-    gate_layer: int | None = option(None, doc="Layer whose last-prompt state decides the gate; default: the lowest "
-                                              "steered layer (so every steered layer is steered from the last "
-                                              "prompt token on).", min=0)
+    subspace: str = option(
+        doc="Artifact from `vlm-safety calibrate vlm-guard` (a .safetensors path, relative to the working directory)."
+    )
+    mode: Literal[MODES] = option(
+        "gated_amplify",
+        doc="`gated_amplify`: push gated (harmful-looking) rows along "
+        "their safety component; `project_out`: remove the safety "
+        "subspace; `both`: project out, then amplify.",
+    )
+    rank: int | None = option(
+        None,
+        doc="Directions m of the subspace to use (at most the artifact's rank); default: all of the artifact's.",
+        min=1,
+    )
+    layers: list[int] | None = option(
+        None,
+        doc="Decoder layers to steer; default: the artifact's default band "
+        "(the middle layers when calibrated on all layers).",
+        min=0,
+        min_items=1,
+    )
+    alpha: float = option(
+        1.0, doc="Strength α of `gated_amplify` (the paper suggests 1 to 4); 0 turns it off.", min=0.0
+    )
+    tau: float | None = option(
+        None, doc="Gate threshold on `p·v1` at the gate layer; default: the artifact's calibrated τ for that layer."
+    )
+    gate_layer: int | None = option(
+        None,
+        doc="Layer whose last-prompt state decides the gate; default: the lowest "
+        "steered layer (so every steered layer is steered from the last "
+        "prompt token on).",
+        min=0,
+    )
     scope: Literal[SCOPES] = option("last_prompt_and_generated", doc=SCOPE_DOC)
     text_only: bool = option(True, doc="Also steer rows without an image; false steers image rows only.")
 
@@ -69,8 +86,10 @@ class VlmGuard(Defense):
         artifact.check_layers(self.layers, what="defenses.vlm_guard.layers")
         self.rank = artifact.rank if options.rank is None else options.rank
         if self.rank > artifact.rank:
-            raise ArtifactError(f"defenses.vlm_guard.rank is {self.rank}, but the artifact has rank {artifact.rank}",
-                                source=artifact.path)
+            raise ArtifactError(
+                f"defenses.vlm_guard.rank is {self.rank}, but the artifact has rank {artifact.rank}",
+                source=artifact.path,
+            )
         self.gate_layer = min(self.layers) if options.gate_layer is None else options.gate_layer
         artifact.check_layers([self.gate_layer], what="defenses.vlm_guard.gate_layer")
         self.tau = artifact.thresholds[self.gate_layer] if options.tau is None else options.tau
@@ -82,9 +101,12 @@ class VlmGuard(Defense):
         from .calibration import calibrate_vlm_guard
 
         path = calibrate_vlm_guard(model, processor, vlm_guard_pairs()[0][:8], rank=2).save(
-            Path(workdir) / "vlm_guard.safetensors")
-        return {"neutral": {"subspace": str(path), "alpha": 0.0},
-                "active": {"subspace": str(path), "mode": "project_out"}}
+            Path(workdir) / "vlm_guard.safetensors"
+        )
+        return {
+            "neutral": {"subspace": str(path), "alpha": 0.0},
+            "active": {"subspace": str(path), "mode": "project_out"},
+        }
 
     def interventions(self, call):
         options = self.options
