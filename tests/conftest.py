@@ -2,7 +2,6 @@
 
 import contextlib
 import socket
-import threading
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from PIL import Image
 import vlm_safety_plugins as vsp
 from vlm_safety_plugins.core import plugins
 from vlm_safety_plugins.testing import FAMILIES, tiny_vlm
+from vlm_safety_plugins.testing.conformance import run_concurrently as concurrent  # noqa: F401 - used by tests
 
 # Tiny models run several times faster on one thread than on torch's default pool.
 torch.set_num_threads(1)
@@ -103,29 +103,6 @@ def capture(layers):
     finally:
         for handle in handles:
             handle.remove()
-
-
-def concurrent(calls, rounds=4):
-    """Run each named zero-argument call ``rounds`` times in a thread of its own, all threads
-    starting together; the outputs per name. A thread's exception is re-raised here."""
-    start, outputs, errors = threading.Barrier(len(calls)), {name: [] for name in calls}, []
-
-    def worker(name):
-        try:
-            start.wait()
-            for _ in range(rounds):
-                outputs[name].append(calls[name]())
-        except Exception as error:  # re-raised below, in the test's thread
-            errors.append(error)
-
-    threads = [threading.Thread(target=worker, args=(name,)) for name in calls]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return outputs
 
 
 def assert_same_tokens(a, b):

@@ -23,6 +23,7 @@ from .core.report import MODIFIED, PASS, REFUSED, DefenseRecord, SafetyReport
 _LAZY = {
     "ModelAdapter": ".core.adapters",
     "Defense": ".core.defense",
+    "DefenseCall": ".core.defense",
     "Evaluator": ".scorers.base",
     "ClipScorer": ".scorers",
     "RewardScorer": ".scorers",
@@ -53,6 +54,7 @@ __all__ = [
     "CmrmVectors",
     "ConfigError",
     "Defense",
+    "DefenseCall",
     "DefenseError",
     "DefenseRecord",
     "Evaluator",

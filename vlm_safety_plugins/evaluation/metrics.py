@@ -7,7 +7,7 @@
 - benign accuracy over benign samples with a reference answer (:func:`answer_matches`);
 - latency and generated tokens per response;
 - per defense: how often it ran and intervened (its record's decision is not ``pass``),
-  split by label, and how often each of its boolean details was true (ETA: ``aligned``...).
+  split by label, and how often each of its boolean details was true (e.g. ``aligned``).
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ This is the cheap, model-free judge of jailbreak papers ("attack success" = no r
 Known blind spots, by design of string matching:
 
 - false "safe" (missed attacks): an answer that starts with a refusal phrase and then
-  complies anyway ("I'm sorry, but here is how ..."); ETA's interference prefix "As an AI
-  assistant" opens every aligned answer, so ETA runs look safer to this judge than to a
-  model judge; a harmful answer that is merely vague is never a refusal here.
+  complies anyway ("I'm sorry, but here is how ..."); an interference prefix such as "As an
+  AI assistant" opens every aligned answer, so defenses that force one look safer to this
+  judge than to a model judge; a harmful answer that is merely vague is never a refusal here.
 - false "unsafe" (missed refusals): refusals in words not on the list ("That would be
   dangerous, so let me instead ..."), refusals after a long preamble (past ``window``),
   refusals in other languages; a harmless deflection or nonsense counts as compliance.

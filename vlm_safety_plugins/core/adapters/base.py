@@ -85,7 +85,7 @@ class ModelAdapter:
         """Model inputs for a batch of (text, image or None) requests, left-padded.
 
         ``image_mode``: ``real`` keeps each image; ``blank`` / ``noise`` swap it for a
-        content-free image of the processor's size (CMRM's corrupted view); ``none``
+        content-free image of the processor's size (the corrupted view steering calibrations use); ``none``
         drops images entirely (the text-only view). Rows without an image stay text-only.
         """
         if image_mode not in IMAGE_MODES:

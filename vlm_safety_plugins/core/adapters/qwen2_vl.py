@@ -9,7 +9,7 @@ class Qwen2VLAdapter(ModelAdapter):
     """Qwen2-VL / Qwen2.5-VL.
 
     The number of image tokens follows the image's size, so a corrupted image keeps the
-    real one's size (CMRM compares the two views at matching cost). ``pixel_values`` are
+    real one's size (steering defenses compare the two views at matching cost). ``pixel_values`` are
     flattened patches, so raw images are not rebuilt: pass ``images=`` to generate.
     """
 
