@@ -17,6 +17,13 @@ import click
 
 TINY_PREFIX = "tiny-"
 
+trust_remote_code_option = click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="Allow defenses to load checkpoints that run their own code (a reward model's modeling_*.py). "
+    "Off by default; a config or a model folder's flags cannot turn it on.",
+)
+
 # Per registered kind: the JSON key and value that say what it provides.
 PROVIDES = {
     "defense": ("work", lambda cls: list(cls.kinds())),
@@ -133,7 +140,8 @@ def _plugin_row(item) -> dict:
 @click.option("--stream", is_flag=True, help="Print the answer token by token as it is generated.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: answer, safety report and time.")
 @click.option("--seed", default=0, show_default=True, help="Seed for sampling and for the tiny models' weights.")
-def generate(model_name, config_path, image_path, prompt, max_new_tokens, stream, as_json, seed):
+@trust_remote_code_option
+def generate(model_name, config_path, image_path, prompt, max_new_tokens, stream, as_json, seed, trust_remote_code):
     """Answer one prompt (and image) with the defenses of --config applied, then summarise what they did."""
     if stream and as_json:
         raise click.UsageError("--stream and --json cannot be used together")
@@ -149,7 +157,7 @@ def generate(model_name, config_path, image_path, prompt, max_new_tokens, stream
     from .evaluation import run as evaluation_run
 
     try:
-        vsp.attach(model, processor)
+        vsp.attach(model, processor, trust_remote_code=trust_remote_code)
         adapter = vsp.get_attachment(model).adapter
         inputs = adapter.build_inputs([(prompt, image)])
         generation_config = evaluation_run.generation_config(

@@ -40,7 +40,8 @@ WORK_KINDS = ("transform_inputs", "around_generate", "interventions", "logits_pr
 
 
 class CallStreamer(Protocol):
-    """The caller's streamer as a defense sees it: tokens go out only through ``put``."""
+    """The caller's streamer as a defense sees it: what is put is held until every
+    around-generate defense has passed the stream (``DefenseCall.pass_stream``)."""
 
     started: bool
 
@@ -99,6 +100,10 @@ class DefenseCall(Protocol):
 
     def eos_token_ids(self) -> list[int]:
         """The call's end-of-sequence ids (none, one or several)."""
+
+    def pass_stream(self, defense: str) -> None:
+        """Declare that ``defense`` will not veto what is streamed from now on. Until every
+        around-generate defense of the call has, the caller's streamer receives nothing."""
 
     def generate(self, *, rows: Sequence[int] | None = None, **overrides: Any) -> GenerateDecoderOnlyOutput:
         """The inner transformers generate with every defense's processors, criteria and interventions."""
@@ -162,11 +167,27 @@ class Defense:
 
 
 class Resources:
-    """Heavy objects (CLIP, reward models) loaded once per attached model, keyed by their config."""
+    """Heavy objects (CLIP, reward models) loaded once per attached model, keyed by their config.
 
-    def __init__(self):
+    ``trust_remote_code`` is the operator's permission (``attach(..., trust_remote_code=True)``)
+    for a resource to run a checkpoint's own code; flags alone never grant it.
+    """
+
+    def __init__(self, *, trust_remote_code: bool = False):
+        self.trust_remote_code = trust_remote_code
         self._items: dict[Any, Any] = {}
         self._lock = threading.Lock()
+
+    def check_remote_code(self, wanted: bool, what: str) -> None:
+        """Raise DefenseError when ``what`` asks for remote code the operator has not allowed."""
+        if wanted and not self.trust_remote_code:
+            from .errors import DefenseError
+
+            raise DefenseError(
+                f"{what} asks to run the checkpoint's own code, which this model's operator has not allowed; "
+                "allow it with vsp.attach(model, processor, trust_remote_code=True) or --trust-remote-code, "
+                "or set it to false"
+            )
 
     def get(self, key: Any, load: Callable[[], Any]) -> Any:
         """The object cached under ``key``, loading it with ``load()`` the first time."""

@@ -10,6 +10,7 @@ that involve several fields go in the dataclass's ``__post_init__``: raise
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -19,6 +20,11 @@ from .errors import ConfigError
 
 # A number in exponent notation without the dot or exponent sign YAML 1.1 requires of floats.
 _YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+INT_LIMIT = 2**31 - 1
+"""The largest magnitude any integer option takes, whatever its own range: beyond it, sizes
+and counts overflow the tensors and loops they feed."""
+QUOTE_LIMIT = 200
+"""Values quoted in error messages are cut to this many characters."""
 
 
 def option(
@@ -137,7 +143,7 @@ def _coerce(tp: Any, value: Any, *, path: str, source: str | None) -> Any:
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
-            raise ConfigError(f"expected one of {choices}, got {value!r}", source=source, path=path)
+            raise ConfigError(f"expected one of {choices}, got {_quote(value)}", source=source, path=path)
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -146,16 +152,32 @@ def _coerce(tp: Any, value: Any, *, path: str, source: str | None) -> Any:
     if dataclasses.is_dataclass(tp):
         return parse_options(tp, value, path=path, source=source)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond any float
+            number = math.inf
+        return _finite(number, value, path, source)
     if tp is float and isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value):
-        return float(value)  # PyYAML (YAML 1.1) reads 1e9 and -1.0e9 as strings
+        return _finite(float(value), value, path, source)  # PyYAML (YAML 1.1) reads 1e9 and -1.0e9 as strings
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > INT_LIMIT:
+            raise ConfigError(
+                f"{_quote(value)} is too large; integer options lie within ±{INT_LIMIT}", source=source, path=path
+            )
         return value
     if tp in (str, bool) and isinstance(value, tp):
         return value
     if tp is type(None) and value is None:
         return None
     raise _type_error(tp, value, path, source)
+
+
+def _finite(number: float, value: Any, path: str, source: str | None) -> float:
+    """``number``, unless it is NaN or infinite: no option means anything there, and every
+    comparison with NaN is false, so a NaN threshold would pass every check it guards."""
+    if not math.isfinite(number):
+        raise ConfigError(f"expected a finite number, got {_quote(value)}", source=source, path=path)
+    return number
 
 
 def _check_range(meta: typing.Mapping, value: Any, *, path: str, source: str | None) -> None:
@@ -176,7 +198,7 @@ def _check_range(meta: typing.Mapping, value: Any, *, path: str, source: str | N
         or (high is not None and value > high)
         or (above is not None and value <= above)
     ):
-        raise ConfigError(f"{value!r} is out of range; expected {_range_text(meta)}", source=source, path=path)
+        raise ConfigError(f"{_quote(value)} is out of range; expected {_range_text(meta)}", source=source, path=path)
 
 
 def _range_text(meta: typing.Mapping) -> str:
@@ -195,7 +217,16 @@ def _type_error(tp: Any, value: Any, path: str, source: str | None) -> ConfigErr
 
 
 def _describe(value: Any) -> str:
-    return "null" if value is None else f"{type(value).__name__} {value!r}"
+    return "null" if value is None else f"{type(value).__name__} {_quote(value)}"
+
+
+def _quote(value: Any) -> str:
+    """``repr(value)``, cut to QUOTE_LIMIT characters: an error names the value, it does not echo a huge one."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # deeply nested data; ints beyond Python's digit limit
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= QUOTE_LIMIT else f"{text[:QUOTE_LIMIT]}... ({len(text)} characters)"
 
 
 def _join(path: str, key: str) -> str:

@@ -34,6 +34,8 @@ class SafetyReport:
     defenses: dict[str, DefenseRecord] = field(default_factory=dict)
     error: str | None = None
     refused: bool = False
+    streamed_tokens: int = 0
+    """Tokens of the answer that had reached the caller's streamer before it was refused."""
 
     @property
     def decision(self) -> str:

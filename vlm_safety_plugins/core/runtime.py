@@ -32,6 +32,7 @@ from .errors import DefenseError
 from .report import DefenseRecord, SafetyReport
 
 ATTACHMENT_ATTRIBUTE = "_vlm_safety_attachment"
+INNER_KINDS = ("interventions", "logits_processors", "stopping_criteria")  # work done inside the inner generate
 CACHE_LIMIT = 64  # distinct configs (and defense instances) kept per attached model
 # Per prompt-shaped input: (value of an inserted token, value of a padding token).
 INSERTED_VALUES = {
@@ -42,15 +43,21 @@ INSERTED_VALUES = {
 }
 
 
-def attach(model, processor, *, adapter=None):
+def attach(model, processor, *, adapter=None, trust_remote_code: bool = False):
     """Make ``model.generate`` apply the defenses its generation config names; idempotent.
 
     ``adapter`` overrides the model adapter chosen by ``model.config.model_type``.
+    ``trust_remote_code`` is the operator's permission for defenses to load checkpoints
+    that run their own code (a reward model's ``modeling_*.py``); without it, flags that ask
+    for remote code (from a call, or a model folder's generation_config.json) are refused.
     Returns the model, for chaining.
     """
-    if get_attachment(model) is not None:
+    attachment = get_attachment(model)
+    if attachment is not None:
+        if trust_remote_code and not attachment.resources.trust_remote_code:
+            raise ValueError("this model is already attached without trust_remote_code; detach it first")
         return model
-    attachment = Attachment(model, processor, adapter or find_adapter(model, processor))
+    attachment = Attachment(model, processor, adapter or find_adapter(model, processor), trust_remote_code)
     model.__dict__[ATTACHMENT_ATTRIBUTE] = attachment
     model.__dict__["generate"] = attachment.generate
     return model
@@ -73,11 +80,11 @@ def get_attachment(model) -> Attachment | None:
 class Attachment:
     """What ``attach`` adds to one model: adapter, hooks, caches, and the defended generate."""
 
-    def __init__(self, model, processor, adapter):
+    def __init__(self, model, processor, adapter, trust_remote_code: bool = False):
         self.model, self.processor, self.adapter = model, processor, adapter
         self.original_generate = model.generate
         self.hooks = InterventionHooks(adapter.decoder_layers(), adapter.hidden_size())
-        self.resources = Resources()
+        self.resources = Resources(trust_remote_code=trust_remote_code)
         self._configs: dict[str, SafetyConfig] = {}
         self._defenses: dict[tuple[str, str], Defense] = {}
         self._lock = threading.Lock()
@@ -156,7 +163,8 @@ class GenerationCall:
         self.reports = [SafetyReport(row=row) for row in range(self.batch_size)]
         self._interventions: list | None = None
         self._prompt_pass = None  # the interventions' state after the last generate over the whole prompt
-        self.streamer = _StreamerProxy(self.kwargs["streamer"]) if self.kwargs.get("streamer") else None
+        holders = {defense.name for defense in self._defenses_doing("around_generate")}
+        self.streamer = _GatedStreamer(self.kwargs["streamer"], holders) if self.kwargs.get("streamer") else None
         if self.streamer is not None:
             self.kwargs["streamer"] = self.streamer
 
@@ -233,6 +241,12 @@ class GenerationCall:
             raise DefenseError("cannot pad the batch: neither the generation config nor the tokenizer has a pad token")
         return pad[0]
 
+    def pass_stream(self, defense: str) -> None:
+        """``defense`` will not veto what is streamed from now on: once every around-generate
+        defense of the call has said so, tokens reach the caller's streamer as they come."""
+        if self.streamer is not None:
+            self.streamer.release(defense)
+
     def eos_token_ids(self) -> list[int]:
         """The end-of-sequence ids of this call's generation config (none, one or several)."""
         return token_id_list(self.generation_config.eos_token_id)
@@ -280,6 +294,8 @@ class GenerationCall:
                 self._step(defense, defense.transform_inputs, self)
             output = self._around(self._defenses_doing("around_generate"), {})
             output = self._restore_prompt(output)
+            if self.streamer is not None:
+                self.streamer.release_all()
         except _DefenseFailed as failure:
             if self.config.on_error == "raise":
                 raise failure.error from None
@@ -291,11 +307,23 @@ class GenerationCall:
 
     def _around(self, chain: list[Defense], overrides: dict):
         if not chain:
-            return self.generate(**overrides)
+            return self._innermost(overrides)
         outer, rest = chain[0], chain[1:]
         return self._step(
             outer, outer.around_generate, self, lambda **inner: self._around(rest, {**overrides, **inner})
         )
+
+    def _innermost(self, overrides: dict):
+        """The inner generate at the end of the chain. It runs the defenses' interventions,
+        processors and criteria, so its failure (an edit that overflowed, a processor that
+        raised mid-decoding) is theirs, and fails closed like one of their methods."""
+        try:
+            return self.generate(**overrides)
+        except _DefenseFailed:
+            raise
+        except Exception as error:  # noqa: BLE001 - any failure under the defenses fails closed
+            acting = [defense.name for defense in self.defenses if set(type(defense).kinds()) & set(INNER_KINDS)]
+            raise _DefenseFailed("+".join(acting) or "generate", error) from error
 
     def _step(self, defense: Defense, method: Callable, *args):
         """Run one defense method, timing it into every row's record, tagging its failures."""
@@ -341,32 +369,74 @@ class GenerationCall:
         for report in self.reports:
             report.refused, report.error = True, reason
         if self.streamer is not None:
-            self.streamer.replace_with(self.prompt_ids, answer)
+            self.streamer.refuse(self.prompt_ids, answer)
+            for report in self.reports:
+                report.streamed_tokens = self.streamer.sent_tokens
         return GenerateDecoderOnlyOutput(sequences=sequences)
 
 
-class _StreamerProxy:
-    """Forwards to the caller's streamer, remembering how far it got (for refusals)."""
+class _GatedStreamer:
+    """The caller's streamer behind a gate: nothing reaches it until every around-generate
+    defense of the call has passed the stream (``release``), so a defense can still veto
+    what was generated; puts before that are held, in order, and sent on release.
 
-    def __init__(self, streamer):
-        self.streamer, self.started, self.ended = streamer, False, False
+    A refusal drops what is held and sends the refusal instead; if tokens had already gone
+    out, the refusal ends the stream after them and ``sent_tokens`` says how many.
+    """
 
-    def put(self, value):
+    def __init__(self, streamer, holders: set[str]):
+        self.streamer, self.holders = streamer, set(holders)
+        self.held: list = []  # puts (tensors) and END, in order
+        self.started = self.ended = False  # started: anything was put, held or sent
+        self.sent_puts = self.sent_tokens = 0
+
+    def put(self, value) -> None:
         self.started = True
-        self.streamer.put(value)
+        self.held.append(value)
+        self._flush()
 
-    def end(self):
+    def end(self) -> None:
+        self.held.append(_END)
+        self._flush()
+
+    def release(self, holder: str) -> None:
+        """``holder`` will not veto what is streamed from now on in this call."""
+        self.holders.discard(holder)
+        self._flush()
+
+    def release_all(self) -> None:
+        """Every defense is done: send whatever is held."""
+        self.holders.clear()
+        self._flush()
+
+    def refuse(self, prompt: torch.Tensor, answer: torch.Tensor) -> None:
+        """Stream the refusal in place of anything held: the prompt first if nothing went out yet."""
+        self.held = []
+        if self.ended:
+            return
+        if not self.sent_puts:
+            self._send(prompt)
+        self._send(answer, counted=False)
         self.ended = True
         self.streamer.end()
 
-    def replace_with(self, prompt: torch.Tensor, answer: torch.Tensor) -> None:
-        """Stream a refusal: the prompt first if nothing was streamed yet, then the answer."""
-        if self.ended:
-            return
-        if not self.started:
-            self.put(prompt)
-        self.put(answer)
-        self.end()
+    def _flush(self) -> None:
+        while self.held and not self.holders and not self.ended:
+            value = self.held.pop(0)
+            if value is _END:
+                self.ended = True
+                self.streamer.end()
+            else:
+                self._send(value)
+
+    def _send(self, value, counted: bool = True) -> None:
+        if counted and self.sent_puts:  # the first put is the prompt
+            self.sent_tokens += int(torch.as_tensor(value).numel())
+        self.sent_puts += 1
+        self.streamer.put(value)
+
+
+_END = object()
 
 
 def token_id_list(value: int | Sequence[int] | None) -> list[int]:

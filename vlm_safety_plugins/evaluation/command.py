@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from .. import cli as cli_options
+
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -102,6 +104,7 @@ def _typed_options(pairs: tuple[str, ...], target, hint: str) -> dict:
 )
 @click.option("--seed", default=0, show_default=True, help="Seed for sampling and for the tiny models' weights.")
 @click.option("--device", default="cpu", show_default=True, help="torch device to run the model on.")
+@cli_options.trust_remote_code_option
 @click.option(
     "--compare",
     is_flag=True,
@@ -121,6 +124,7 @@ def eval_command(
     judge_options,
     seed,
     device,
+    trust_remote_code,
     compare,
 ):
     """Evaluate a model with a safety config on a benchmark: responses, judge verdicts, metrics, report, plots.
@@ -177,6 +181,7 @@ def eval_command(
                 model_name=model_name,
                 benchmark=label,
                 progress=bar.update,
+                trust_remote_code=trust_remote_code,
             )
     except vsp.VLMSafetyError as error:
         raise click.ClickException(str(error)) from None

@@ -52,6 +52,7 @@ def run_eval(
     model_name: str | None = None,
     benchmark: str | None = None,
     progress: Callable[[int], None] | None = None,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Evaluate ``model`` (attached here if it is not yet) on ``samples``; returns the summary.
 
@@ -90,7 +91,7 @@ def run_eval(
     if progress is not None and len(samples) > len(pending):
         progress(len(samples) - len(pending))
     if pending:
-        vsp.attach(model, processor)
+        vsp.attach(model, processor, trust_remote_code=trust_remote_code)
         settings = generation_config(model, config, max_new_tokens=max_new_tokens, return_dict_in_generate=True)
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]

@@ -51,6 +51,7 @@ class CmrmOptions:
         doc="Strength α of `h ← h + α·v`; default 1.0 at dataset level, 0.5 at sample "
         "level. 0 is exactly the undefended model.",
         min=0.0,
+        max=100.0,
     )
     layers: list[int] | None = option(
         None,

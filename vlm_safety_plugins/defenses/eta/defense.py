@@ -46,18 +46,24 @@ class RewardModelOptions:
         "RLHFlow/ArmoRM-Llama3-8B-v0.1",
         doc="Reward model hub id or local path; `tiny-reward-model` builds the offline test model.",
     )
-    trust_remote_code: bool = option(True, doc="Needed by ArmoRM's custom output with `.score`.")
-    max_length: int = option(4096, doc="Reward-model input is truncated to this many tokens.", min=8)
+    trust_remote_code: bool = option(
+        False,
+        doc="Run the checkpoint's own modeling code. Honoured only when the operator allows remote code "
+        "(`attach(..., trust_remote_code=True)`, `--trust-remote-code`); otherwise a row that needs it is refused.",
+    )
+    max_length: int = option(4096, doc="Reward-model input is truncated to this many tokens.", min=8, max=2**20)
     device: str | None = option(None, doc="Device for the reward model; default: the VLM's device.")
 
 
 @dataclass(frozen=True)
 class BestOfNOptions:
-    n: int = option(5, doc="Candidates sampled per sentence.", min=1)
-    top_k: int = option(5, doc="Top-k of the candidate sampler (the reference ties it to n).", min=1)
-    temperature: float = option(1.5, doc="Sampling temperature of the candidates.", above=0.0)
-    alpha: float = option(1.0, doc="Weight of the CLIP utility term, divided by the sentence index.", min=0.0)
-    max_sentence_tokens: int = option(70, doc="Cap on one sentence's tokens.", min=1)
+    n: int = option(5, doc="Candidates sampled per sentence (one batch).", min=1, max=64)
+    top_k: int = option(5, doc="Top-k of the candidate sampler (the reference ties it to n).", min=1, max=10_000)
+    temperature: float = option(1.5, doc="Sampling temperature of the candidates.", above=0.0, max=100.0)
+    alpha: float = option(
+        1.0, doc="Weight of the CLIP utility term, divided by the sentence index.", min=0.0, max=100.0
+    )
+    max_sentence_tokens: int = option(70, doc="Cap on one sentence's tokens.", min=1, max=4096)
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,7 @@ class EtaOptions:
     prefix: str = option("As an AI assistant", doc="Interference prefix: the aligned answer's first words.")
     best_of_n: BestOfNOptions = option(BestOfNOptions(), doc="Sentence-level best-of-N search.")
     max_new_tokens: int = option(
-        1024, doc="Cap on the aligned answer (also capped by the call's max_new_tokens).", min=1
+        1024, doc="Cap on the aligned answer (also capped by the call's max_new_tokens).", min=1, max=65_536
     )
     boundary: Literal["text", "reference"] = option(
         "text", doc="Sentence boundary: `text` (. ? ! newline, not decimals or list numbers) or `reference` (. only)."
@@ -126,7 +132,8 @@ class Eta(Defense):
             record.details.update(
                 pre_unsafe=pre[row] is not None and row in checked, unsafe=False, aligned=False, time_s={"clip": clip_s}
             )
-        if not checked:
+        if not checked:  # every image judged safe: the vanilla answer streams live
+            call.pass_stream(self.name)
             return proceed()
 
         started = time.perf_counter()
@@ -146,6 +153,7 @@ class Eta(Defense):
             records[row].scores["post"] = score
         for record in records:
             record.details["time_s"].update(vanilla=vanilla_s, reward=reward_s)
+        call.pass_stream(self.name)  # decided: what is streamed from here on is this defense's final answer
 
         if unsafe and cache is None:  # beam search reorders its cache: prefill the prompts again
             cache = prefill_cache(call.generate, call.model.config, {})
@@ -282,6 +290,7 @@ class Eta(Defense):
         options = self.options.reward_model
         device = options.device or str(call.model.device)
         cls = _evaluator(options.evaluator, "reward", "reward_model.evaluator")
+        call.resources.check_remote_code(options.trust_remote_code, "eta.reward_model.trust_remote_code")
         return call.resources.get(
             (cls, options.path, options.trust_remote_code, options.max_length, device),
             lambda: cls.load(

@@ -56,7 +56,7 @@ class VlmGuardOptions:
         min_items=1,
     )
     alpha: float = option(
-        1.0, doc="Strength α of `gated_amplify` (the paper suggests 1 to 4); 0 turns it off.", min=0.0
+        1.0, doc="Strength α of `gated_amplify` (the paper suggests 1 to 4); 0 turns it off.", min=0.0, max=100.0
     )
     tau: float | None = option(
         None, doc="Gate threshold on `p·v1` at the gate layer; default: the artifact's calibrated τ for that layer."

@@ -1,0 +1,277 @@
+"""Ways around the defenses that must stay closed: non-finite options, remote code from flags,
+tokens streamed before a veto, failures inside the inner generate (issue 11's findings)."""
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import GenerationConfig, LogitsProcessor
+
+import vlm_safety_plugins as vsp
+from vlm_safety_plugins.cli import cli
+from vlm_safety_plugins.core import plugins
+from vlm_safety_plugins.core.options import INT_LIMIT
+from vlm_safety_plugins.core.reference import option_rows
+
+from .conftest import batch, generation, new_tokens
+from .test_runtime import CollectingStreamer
+
+# The least each built-in defense needs to get past its required keys (artifacts load later).
+BASE_OPTIONS = {"cmrm": {"vectors": "unused.safetensors"}, "vlm_guard": {"subspace": "unused.safetensors"}}
+
+
+def numeric_options():
+    """(defense, dotted key path, type) of every float and int option of every built-in defense."""
+    for item in sorted(plugins.registry().defenses.values(), key=lambda item: item.name):
+        if item.distribution != "vlm-safety-plugins":
+            continue
+        for path, row in option_rows(item.cls.Options):
+            kinds = set(row["type"].split(" | "))
+            for kind in ("float", "int") if kinds & {"float", "int"} else ():
+                if kind in kinds:
+                    yield item.name, path, kind
+
+
+def with_value(name, path, value):
+    options = json.loads(json.dumps(BASE_OPTIONS.get(name, {})))
+    *parents, key = path.split(".")
+    target = options
+    for parent in parents:
+        target = target.setdefault(parent, {})
+    target[key] = value
+    return {"defenses": {name: options}}
+
+
+@pytest.mark.parametrize("name, path, kind", list(numeric_options()))
+def test_every_numeric_option_rejects_nan_infinity_and_huge_values(name, path, kind):
+    bad = [math.nan, math.inf, -math.inf, "1e999", "-1e999", 10**400] if kind == "float" else [10**30, -(10**30)]
+    for value in bad:
+        with pytest.raises(vsp.ConfigError) as caught:
+            vsp.SafetyConfig.from_dict(with_value(name, path, value))
+        assert caught.value.path.endswith(path), (path, value, caught.value)
+        assert len(str(caught.value)) < 400  # the value is quoted, cut short
+    if kind == "int":
+        with pytest.raises(vsp.ConfigError, match="too large|out of range"):
+            vsp.SafetyConfig.from_dict(with_value(name, path, INT_LIMIT + 1))
+
+
+def test_a_nan_threshold_is_refused_before_the_model_loads(tmp_path):
+    config = tmp_path / "nan.yaml"
+    config.write_text(
+        "defenses:\n  eta:\n    pre_threshold: .nan\n    clip: {model: testbed-clip}\n"
+        "    reward_model: {path: testbed-reward-model}\n"
+    )
+    result = CliRunner().invoke(
+        cli, ["generate", "--model", "no-such-model-is-loaded", "--config", str(config), "--prompt", "Hi."]
+    )
+    assert result.exit_code == 1 and "defenses.eta.pre_threshold: expected a finite number, got nan" in result.output
+
+
+# -- remote code: the operator's decision, never a flag's -----------------------------------
+
+
+def reward_model_folder(tmp_path):
+    """A reward-model folder whose config asks for its own modeling code, which leaves a marker when run."""
+    from vlm_safety_plugins.testing import tiny_reward_model
+
+    folder, marker = tmp_path / "rm", tmp_path / "remote-code-ran"
+    model, tokenizer = tiny_reward_model()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "modeling_evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "raise ImportError('this checkpoint ran its own code')\n"
+    )
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForSequenceClassification": "modeling_evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, marker
+
+
+def eta_asking_for_remote_code(folder):
+    return {
+        "defenses": {
+            "eta": {
+                "pre_threshold": -1.0,
+                "post_threshold": 1e3,
+                "clip": {"model": "tiny-clip"},
+                "reward_model": {"path": str(folder), "trust_remote_code": True},
+            }
+        }
+    }
+
+
+def test_remote_code_is_off_by_default():
+    assert vsp.load_config({"defenses": {"eta": {}}}).defenses["eta"].reward_model.trust_remote_code is False
+
+
+def test_flags_in_a_model_folder_cannot_turn_remote_code_on(llava, red_image, tmp_path):
+    model, processor = llava
+    folder, marker = reward_model_folder(tmp_path)
+    model.generation_config.vlm_safety = eta_asking_for_remote_code(folder)  # as a downloaded checkpoint's flags
+    vsp.attach(model, processor)
+    inputs = batch(model, processor, [("What is in the picture?", red_image)])
+    out = model.generate(**inputs, images=[red_image], max_new_tokens=4, return_dict_in_generate=True)
+    assert out.safety[0].refused and "has not allowed" in out.safety[0].error
+    assert not marker.exists()
+    vsp.detach(model)
+    # the operator's explicit permission is what lets it run (and here the code itself fails, closed)
+    vsp.attach(model, processor, trust_remote_code=True)
+    out = model.generate(**inputs, images=[red_image], max_new_tokens=4, return_dict_in_generate=True)
+    assert marker.exists() and out.safety[0].refused
+
+
+@pytest.fixture
+def llava():
+    from vlm_safety_plugins.testing import tiny_vlm
+
+    model, processor = tiny_vlm("llava")
+    yield model, processor
+    vsp.detach(model)
+
+
+# -- streaming: nothing goes out before every around-generate defense has cleared it ----------
+
+
+class ProceedThenRaise(vsp.Defense):
+    """Generates with the caller's streamer, then vetoes by failing."""
+
+    name = "proceed_then_raise"
+
+    def around_generate(self, call, proceed):
+        proceed()
+        raise RuntimeError("vetoed after generating")
+
+
+class HoldsUntilDecided(vsp.Defense):
+    """Generates, then decides; never passes the stream, so everything goes out at the end."""
+
+    name = "holds_until_decided"
+    decided = False
+
+    def around_generate(self, call, proceed):
+        type(self).decided = False
+        output = proceed()
+        type(self).decided = True
+        return output
+
+
+class RaiseAtStep(LogitsProcessor):
+    def __init__(self, step):
+        self.step, self.calls = step, 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls > self.step:
+            raise RuntimeError(f"processor failed at step {self.step}")
+        return scores
+
+
+class FailsMidDecoding(vsp.Defense):
+    name = "fails_mid_decoding"
+
+    def logits_processors(self, call):
+        return [RaiseAtStep(3)]
+
+
+def stream(model, processor, image, flags, **settings):
+    inputs = batch(model, processor, [("What is in the picture?", image)])
+    streamer = CollectingStreamer()
+    config = generation(model, flags, max_new_tokens=6, do_sample=False, **settings)
+    out = model.generate(**inputs, generation_config=config, streamer=streamer, return_dict_in_generate=True)
+    return out, inputs, streamer
+
+
+def test_a_veto_after_generating_streams_only_the_refusal(llava, red_image, register):
+    model, processor = llava
+    register(ProceedThenRaise)
+    vsp.attach(model, processor)
+    out, inputs, streamer = stream(model, processor, red_image, {"defenses": {"proceed_then_raise": {}}})
+    refusal = processor.tokenizer.decode(new_tokens(out.sequences, inputs)[0], skip_special_tokens=True)
+    assert streamer.chunks[0] == inputs["input_ids"][0].tolist() and len(streamer.chunks) == 2
+    assert processor.tokenizer.decode(streamer.chunks[1], skip_special_tokens=True) == refusal
+    assert streamer.ended and out.safety[0].refused and out.safety[0].streamed_tokens == 0
+
+
+def test_an_around_generate_defense_holds_the_stream_until_it_returns(llava, red_image, register):
+    model, processor = llava
+    register(HoldsUntilDecided)
+    vsp.attach(model, processor)
+    seen_decided = []
+    streamer = CollectingStreamer()
+    streamer.put = lambda value: (
+        seen_decided.append(HoldsUntilDecided.decided),
+        CollectingStreamer.put(streamer, value),
+    )
+    inputs = batch(model, processor, [("What is in the picture?", red_image)])
+    config = generation(model, {"defenses": {"holds_until_decided": {}}}, max_new_tokens=5)
+    out = model.generate(**inputs, generation_config=config, streamer=streamer, return_dict_in_generate=True)
+    assert seen_decided and all(seen_decided), "a token went out before the defense had decided"
+    assert [t for chunk in streamer.chunks[1:] for t in chunk] == new_tokens(out.sequences, inputs)[0].tolist()
+
+
+def test_a_failure_mid_decoding_ends_the_stream_with_the_refusal_and_counts_what_went_out(llava, red_image, register):
+    model, processor = llava
+    register(FailsMidDecoding)
+    vsp.attach(model, processor)
+    out, inputs, streamer = stream(model, processor, red_image, {"defenses": {"fails_mid_decoding": {}}})
+    report = out.safety[0]
+    assert report.refused and report.error.startswith("fails_mid_decoding: RuntimeError: processor failed at step 3")
+    assert report.streamed_tokens == 3 and sum(map(len, streamer.chunks[1:4])) == 3
+    refusal = new_tokens(out.sequences, inputs)[0].tolist()
+    assert streamer.chunks[-1] == refusal and streamer.ended
+
+
+class CountSteps(LogitsProcessor):
+    steps = 0
+
+    def __call__(self, input_ids, scores):
+        type(self).steps += 1
+        return scores
+
+
+def test_eta_streams_a_safe_answer_live(llava, red_image):
+    model, processor = llava
+    vsp.attach(model, processor)
+    flags = {"defenses": {"eta": {"pre_threshold": 1.0, "clip": {"model": "tiny-clip"}}}}
+    inputs = batch(model, processor, [("What is in the picture?", red_image)])
+    steps_at_put = []
+    streamer = CollectingStreamer()
+    streamer.put = lambda value: (steps_at_put.append(CountSteps.steps), CollectingStreamer.put(streamer, value))
+    CountSteps.steps = 0
+    config = generation(model, flags, max_new_tokens=5, min_new_tokens=5, return_dict_in_generate=True)
+    out = model.generate(
+        **inputs, images=[red_image], generation_config=config, streamer=streamer, logits_processor=[CountSteps()]
+    )
+    assert not out.safety[0].defenses["eta"].details["pre_unsafe"]
+    assert steps_at_put == [0, 1, 2, 3, 4, 5]  # the prompt, then each token as soon as it is decoded
+
+
+# -- failures inside the inner generate ------------------------------------------------------
+
+
+class Overflows(vsp.Defense):
+    """Adds a vector so large that the hidden states overflow to infinity."""
+
+    name = "overflows"
+
+    def interventions(self, call):
+        size = call.adapter.hidden_size()
+        return [vsp.AddVector({0: torch.full((size,), 3e38)}, alpha=10.0)]
+
+
+def test_an_edit_that_overflows_during_sampling_fails_closed(llava, red_image, register):
+    model, processor = llava
+    register(Overflows)
+    vsp.attach(model, processor)
+    inputs = batch(model, processor, [("What is in the picture?", red_image)])
+    config = generation(model, {"defenses": {"overflows": {}}}, max_new_tokens=3, do_sample=True)
+    out = model.generate(**inputs, generation_config=config, return_dict_in_generate=True)
+    assert out.safety[0].refused and out.safety[0].error.startswith("overflows: RuntimeError")
+    with pytest.raises(RuntimeError):
+        raising = GenerationConfig(
+            **{**config.to_dict(), "vlm_safety": {"defenses": {"overflows": {}}, "on_error": "raise"}}
+        )
+        model.generate(**inputs, generation_config=raising)
