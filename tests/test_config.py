@@ -115,3 +115,66 @@ def test_generation_config_keeps_base_defaults():
 def test_every_public_name_resolves_from_the_package_root():
     missing = [name for name in vsp.__all__ if getattr(vsp, name, None) is None]
     assert missing == []
+
+
+# -- hostile YAML: bounded, and one clear error each ------------------------------------------
+
+LAUGHS = (
+    "".join(
+        f"{name}: &{name} [{', '.join([f'*{previous}'] * 9) if previous else ', '.join(['lol'] * 9)}]\n"
+        for previous, name in zip([None, *"abcdefgh"], "abcdefghi")
+    )
+    + "defenses: {eta: {best_of_n: *i}}\n"
+)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (LAUGHS, "expands to more than 10000 values"),
+        ("on_error: refuse\non_error: raise\n", "line 2, column 1: invalid YAML: duplicate key 'on_error'"),
+        ("defenses: {adashield: {text_only: true, text_only: false}}\n", "duplicate key 'text_only'"),
+        ("defenses: " + "[" * 3000 + "]" * 3000 + "\n", "nested more than 64 levels deep"),
+        ("defenses: {adashield: {1: 2}}\n", "defenses.adashield: keys must be strings, got int 1"),
+        ("defenses: {1: {}}\n", "defenses: keys must be strings, got int 1"),
+        ("? [a, b]\n: 1\n", "line 1, column 3: invalid YAML: found unhashable key"),
+        ("defenses: []\n", "defenses: expected a mapping of defense name to options, got list"),
+        ("defenses: false\n", "got bool"),
+        ("defenses: 0\n", "got int"),
+        ("defenses: ''\n", "got str"),
+    ],
+    ids=[
+        "billion-laughs",
+        "duplicate-top-key",
+        "duplicate-option",
+        "deep",
+        "int-option-key",
+        "int-defense-name",
+        "list-key",
+        "defenses-list",
+        "defenses-false",
+        "defenses-zero",
+        "defenses-empty-string",
+    ],
+)
+def test_hostile_yaml_gets_one_short_clear_error(tmp_path, text, expected):
+    error = error_of(write(tmp_path, text))
+    assert expected in str(error) and len(str(error)) < 500
+
+
+def test_a_file_that_is_not_utf8_or_is_huge_is_refused(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("defenses: {adashield: {prompt: 'caf\xe9'}}\n".encode("latin-1"))
+    assert "not UTF-8 text" in str(error_of(latin1))
+    huge = write(tmp_path, "# " + "x" * (1 << 20) + "\n", name="huge.yaml")
+    assert "at most 1048576 are read" in str(error_of(huge))
+
+
+def test_values_quoted_in_errors_are_cut_short():
+    error = error_of({"defenses": {"adashield": {"separator": ["x" * 100_000]}}})
+    assert "characters)" in str(error) and len(str(error)) < 500
+
+
+def test_an_empty_mapping_or_null_still_means_no_defenses(tmp_path):
+    assert not vsp.load_config(write(tmp_path, "defenses: {}\n")).enabled
+    assert not vsp.load_config(write(tmp_path, "defenses:\n", name="null.yaml")).enabled

@@ -460,3 +460,29 @@ def test_eta_turns_the_testbeds_image_induced_compliance_into_a_refusal():
     assert out.safety[0].defenses["eta"].details["aligned"]
     assert answers[1] == vanilla[1] == benign.answer  # the benign scene passes the CLIP pre-check untouched
     assert not out.safety[1].defenses["eta"].details["pre_unsafe"]
+
+
+# -- generate's own settings --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alignment", ["full", "shallow_only"])
+def test_eta_aligns_under_beam_search(attached, alignment):
+    model, adapter, image = attached
+    inputs = batch(model, adapter.processor, [("What is in the picture?", image), ("Hello there.", image)])
+    out = run(model, inputs, eta(alignment=alignment), [image, image], num_beams=2)
+    assert [report.refused for report in out.safety] == [False, False], out.safety[0].error
+    assert all(report.defenses["eta"].details["aligned"] for report in out.safety)
+    prefix = adapter.response_ids(PREFIX)
+    for row in new_tokens(out.sequences, inputs).tolist():
+        assert row[: len(prefix)] == prefix and len(row) <= MAX_NEW_TOKENS
+
+
+def test_eta_honours_max_new_tokens_and_max_length_given_to_generate(attached):
+    model, adapter, image = attached
+    inputs = batch(model, adapter.processor, [("What is in the picture?", image)])
+    gen = eta(alignment="shallow_only").to_generation_config(model.generation_config, return_dict_in_generate=True)
+    out = model.generate(**inputs, images=[image], generation_config=gen, max_new_tokens=7)
+    assert out.safety[0].defenses["eta"].details["aligned"] and new_tokens(out.sequences, inputs).shape[1] == 7
+    prompt = inputs["input_ids"].shape[1]
+    out = model.generate(**inputs, images=[image], generation_config=gen, max_length=prompt + 9)
+    assert new_tokens(out.sequences, inputs).shape[1] == 9

@@ -24,12 +24,15 @@ import yaml
 
 from . import plugins
 from .errors import ConfigError
-from .options import options_to_dict, parse_options
+from .options import options_to_dict, parse_options, require_string_keys
 
 GENERATION_CONFIG_KEY = "vlm_safety"
 ON_ERROR_CHOICES = ("refuse", "raise")
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 TOP_LEVEL_KEYS = ("defenses", "on_error", "refusal")
+MAX_FILE_BYTES = 1 << 20  # a config is a few hundred bytes; a megabyte is far more than any needs
+MAX_NODES = 10_000  # values in the document once aliases are expanded
+MAX_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class SafetyConfig:
             raise ConfigError(
                 f"expected a mapping with keys {', '.join(TOP_LEVEL_KEYS)}, got {type(data).__name__}", source=source
             )
+        require_string_keys(data, path="", source=source)
         unknown = sorted(set(data) - set(TOP_LEVEL_KEYS))
         if unknown:
             raise ConfigError(
@@ -57,13 +61,15 @@ class SafetyConfig:
                 source=source,
                 path=unknown[0],
             )
-        defenses_data = data.get("defenses") or {}
+        defenses_data = data.get("defenses")
+        defenses_data = {} if defenses_data is None else defenses_data
         if not isinstance(defenses_data, Mapping):
             raise ConfigError(
                 f"expected a mapping of defense name to options, got {type(defenses_data).__name__}",
                 source=source,
                 path="defenses",
             )
+        require_string_keys(defenses_data, path="defenses", source=source)
         defenses = {}
         for name, options in defenses_data.items():
             defense_cls = plugins.get_defense(str(name), source=source)
@@ -118,15 +124,91 @@ def load_config(source: str | os.PathLike | Mapping | SafetyConfig) -> SafetyCon
         return SafetyConfig.from_dict(source, source="<dict>")
     path = Path(source)
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ConfigError(f"config file is {size} bytes; at most {MAX_FILE_BYTES} are read", source=str(path))
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError("config file not found", source=str(path)) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"not UTF-8 text (byte {error.start})", source=str(path)) from None
     except OSError as error:
         raise ConfigError(f"cannot read config file: {error.strerror}", source=str(path)) from None
+    return SafetyConfig.from_dict(parse_yaml(text, source=str(path)), source=str(path))
+
+
+def parse_yaml(text: str, *, source: str) -> Any:
+    """A YAML document as plain data, with the limits a config needs: no duplicate keys, at most
+    MAX_NODES nodes once aliases are expanded (so a "billion laughs" file is refused, not
+    expanded), at most MAX_DEPTH levels of nesting."""
+    loader = _StrictLoader(text)
     try:
-        data = yaml.safe_load(text)
+        _check_depth(text, source)  # on the event stream, before the recursive composer sees the nesting
+        node = loader.get_single_node()
+        if node is not None:
+            _check_size(node, source)
+        return loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(f"{where}invalid YAML: {getattr(error, 'problem', error)}", source=str(path)) from None
-    return SafetyConfig.from_dict(data, source=str(path))
+        raise ConfigError(f"{where}invalid YAML: {getattr(error, 'problem', error)}", source=source) from None
+    finally:
+        loader.dispose()
+
+
+def _check_depth(text: str, source: str) -> None:
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ConfigError(f"nested more than {MAX_DEPTH} levels deep", source=source)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key; the schema check names it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {seen[key] + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_size(root: yaml.Node, source: str) -> None:
+    """Refuse a document whose expanded tree (aliases counted each time they are used) is too big."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        children = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_NODES:
+                break
+        sizes[id(node)] = total
+        return total
+
+    if size(root) > MAX_NODES:
+        raise ConfigError(
+            f"the document expands to more than {MAX_NODES} values (anchors and aliases counted each time "
+            "they are used); a safety config is far smaller",
+            source=source,
+        )

@@ -87,6 +87,9 @@ class DefenseCall(Protocol):
     def generation_config(self) -> GenerationConfig:
         """The GenerationConfig in force (the caller's, else the model's)."""
 
+    def setting(self, name: str) -> Any:
+        """A generation setting as the inner generate sees it (the call's keyword, else the config's)."""
+
     def record(self, defense: str, row: int) -> DefenseRecord:
         """The record of ``defense`` in row ``row``'s report."""
 

@@ -57,6 +57,7 @@ def parse_options(cls: type, data: Any, *, path: str, source: str | None) -> Any
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"expected a mapping of options, got {_describe(data)}", source=source, path=path)
+    require_string_keys(data, path=path, source=source)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -79,6 +80,13 @@ def parse_options(cls: type, data: Any, *, path: str, source: str | None) -> Any
         return cls(**values)
     except ConfigError as error:  # a cross-field check in the dataclass's __post_init__
         raise ConfigError(error.reason, source=source, path=_join(path, error.path) if error.path else path) from None
+
+
+def require_string_keys(data: typing.Mapping, *, path: str, source: str | None) -> None:
+    """Every key of a config mapping is a string (YAML also allows numbers, nulls and lists as keys)."""
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(f"keys must be strings, got {_describe(key)}", source=source, path=path or None)
 
 
 def options_to_dict(options: Any) -> dict:

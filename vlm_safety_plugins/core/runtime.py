@@ -194,6 +194,12 @@ class GenerationCall:
         """The GenerationConfig in force for this call (the caller's, else the model's)."""
         return self.kwargs.get("generation_config") or self.model.generation_config
 
+    def setting(self, name: str) -> Any:
+        """A generation setting as the inner generate sees it: the call's keyword argument if
+        given, else the GenerationConfig's (``max_new_tokens``, ``num_beams``, ...)."""
+        value = self.kwargs.get(name)
+        return getattr(self.generation_config, name, None) if value is None else value
+
     def record(self, defense: str, row: int) -> DefenseRecord:
         """The record of ``defense`` in row ``row``'s report, created on first use."""
         records = self.reports[row].defenses
@@ -363,7 +369,7 @@ class GenerationCall:
         answer = torch.tensor(
             refusal + self.eos_token_ids()[:1], dtype=self.prompt_ids.dtype, device=self.prompt_ids.device
         )
-        copies = self.kwargs.get("num_return_sequences") or self.generation_config.num_return_sequences or 1
+        copies = self.setting("num_return_sequences") or 1
         prompt = self.prompt_ids.repeat_interleave(copies, dim=0)
         sequences = torch.cat([prompt, answer.expand(prompt.shape[0], -1)], dim=1)
         for report in self.reports:

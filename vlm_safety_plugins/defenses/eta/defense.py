@@ -114,7 +114,7 @@ class Eta(Defense):
 
     def around_generate(self, call, proceed):
         options, rows = self.options, range(call.batch_size)
-        copies = call.kwargs.get("num_return_sequences") or call.generation_config.num_return_sequences or 1
+        copies = call.setting("num_return_sequences") or 1
         if copies > 1:
             raise DefenseError(f"eta returns one answer per row; got num_return_sequences={copies}")
         records = self.records(call)
@@ -137,7 +137,7 @@ class Eta(Defense):
             return proceed()
 
         started = time.perf_counter()
-        reuse_cache = (call.kwargs.get("num_beams") or call.generation_config.num_beams or 1) == 1
+        reuse_cache = (call.setting("num_beams") or 1) == 1
         cache = recording_cache(call.model.config) if reuse_cache else None
         output = proceed(streamer=None, **({"past_key_values": cache} if reuse_cache else {}))
         prompt_length = call.inputs["input_ids"].shape[1]
@@ -203,7 +203,7 @@ class Eta(Defense):
         prompt = {
             name: call.inputs[name][row : row + 1] for name in ("input_ids", *GROWING_INPUTS) if name in call.inputs
         }
-        budget = min(options.max_new_tokens, call.generation_config.max_new_tokens or options.max_new_tokens)
+        budget = min(options.max_new_tokens, self._call_budget(call) or options.max_new_tokens)
         prefix = (call.adapter.response_ids(options.prefix) if options.alignment != "deep_only" else [])[:budget]
         context = extend_context(prompt, prefix)
         streamer = call.streamer if call.batch_size == 1 else None
@@ -211,8 +211,8 @@ class Eta(Defense):
             streamer.put(prompt["input_ids"].cpu())
             streamer.put(torch.tensor(prefix, dtype=torch.long))
 
-        def generate(**kwargs):
-            return call.generate(rows=[row] * kwargs["input_ids"].shape[0], **kwargs)
+        def generate(**kwargs):  # candidates and continuations decode without the call's beams
+            return call.generate(rows=[row] * kwargs["input_ids"].shape[0], **{"num_beams": 1, **kwargs})
 
         if len(prefix) == budget:  # the token budget ends inside the prefix: nothing left to generate
             return prefix
@@ -241,6 +241,15 @@ class Eta(Defense):
         record.details.update(sentences=search.sentences, candidates=search.candidates)
         record.details["time_s"].update(decode=search.decode_s, score=search.score_s)
         return prefix + search.token_ids
+
+    @staticmethod
+    def _call_budget(call) -> int | None:
+        """The call's own cap on new tokens: ``max_new_tokens``, else what ``max_length`` leaves after the prompt."""
+        if call.setting("max_new_tokens") is not None:
+            return int(call.setting("max_new_tokens"))
+        if call.setting("max_length") is not None:
+            return max(1, int(call.setting("max_length")) - call.inputs["input_ids"].shape[1])
+        return None
 
     def _scorer(self, call, row, prefix, image_embedding):
         """Score rule of docs/defenses/eta.md: reward, plus α/i · CLIP(image, sentence) after the first sentence."""
