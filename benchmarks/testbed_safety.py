@@ -81,8 +81,14 @@ ROWS = (
     Row("cmrm, sample", "cmrm-sample", ("cmrm-sample-testbed.yaml",), targeted=True),
     Row("vlm_guard", "vlm_guard", ("vlm_guard-testbed.yaml",), targeted=True),
     Row(
-        "vlm_guard, paper defaults (gated_amplify, middle band)",
-        "vlm_guard-paper",
+        "vlm_guard, defaults (project_out on image rows, middle band, every position)",
+        "vlm_guard-defaults",
+        ("vlm_guard-testbed.yaml",),
+        {"vlm_guard": {"layers": None, "text_only": False, "scope": "last_prompt_and_generated", "rank": 5}},
+    ),
+    Row(
+        "vlm_guard, gated_amplify (middle band, α 2)",
+        "vlm_guard-gated",
         ("vlm_guard-testbed.yaml",),
         {
             "vlm_guard": {

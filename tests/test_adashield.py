@@ -59,3 +59,13 @@ def test_adashield_can_leave_text_only_rows_alone(vlm, red_image):
     assert_same_tokens(text_row, inputs["input_ids"][1][inputs["attention_mask"][1].bool()])
     assert [report.defenses["adashield"].ran for report in out.safety] == [True, False]
     assert [report.decision for report in out.safety] == ["modified", "pass"]
+
+
+def test_an_empty_prompt_modifies_nothing_and_says_so(vlm, red_image):
+    model, processor = vlm
+    vsp.attach(model, processor)
+    inputs = batch(model, processor, requests(red_image))
+    config = generation(model, {"defenses": {"adashield": {"prompt": "", "separator": ""}}}, max_new_tokens=2)
+    out = model.generate(**inputs, generation_config=config, return_dict_in_generate=True)
+    assert [report.decision for report in out.safety] == ["pass", "pass"]
+    assert all(report.defenses["adashield"].ran for report in out.safety)

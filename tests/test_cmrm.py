@@ -251,7 +251,7 @@ def test_shipped_configs_validate():
         config = vsp.load_config(configs / name)
         assert list(config.defenses) == defenses and config.on_error == "refuse"
     assert config.defenses["cmrm"].vectors == "artifacts/llava-1.5-7b-hf.cmrm.safetensors"
-    assert vsp.load_config(configs / "vlm_guard.yaml").defenses["vlm_guard"].mode == "gated_amplify"
+    assert vsp.load_config(configs / "vlm_guard.yaml").defenses["vlm_guard"].mode == "project_out"
 
 
 def test_eta_and_cmrm_compose(red_image, calibrated):

@@ -82,6 +82,33 @@ def test_prefix_starts_every_row(tiny, decoding):
         assert torch.isfinite(out.sequences_scores).all()
 
 
+@pytest.mark.parametrize("decoding", ["greedy", "beam"])
+def test_one_prefix_processor_forces_the_prefix_in_every_generate_it_is_given_to(tiny, decoding):
+    family, model, processor = tiny
+    prefix = InterferencePrefixProcessor.from_text(processor.tokenizer, PREFIX)
+    settings = dict(logits_processor=[prefix], max_new_tokens=len(prefix.prefix_ids) + 2, **DECODING[decoding])
+    long_batch = _inputs(family, processor)
+    short_batch = {name: value[:1] for name, value in long_batch.items()} if family == "llava" else long_batch
+    for inputs in (long_batch, _append(long_batch, _ids(processor.tokenizer, " ok")), short_batch, long_batch):
+        with torch.no_grad():
+            out = model.generate(**inputs, **settings)
+        start = inputs["input_ids"].shape[1]
+        assert out[:, start : start + len(prefix.prefix_ids)].tolist() == [list(prefix.prefix_ids)] * out.shape[0]
+
+
+def test_one_sentence_criteria_serves_many_generates(tiny):
+    family, model, processor = tiny
+    tokenizer = processor.tokenizer
+    inputs = _inputs(family, processor)
+    criteria = SentenceBoundaryCriteria(tokenizer)
+    for grown in (inputs, _append(inputs, _ids(tokenizer, " ok")), inputs):
+        start = grown["input_ids"].shape[1]
+        script = _Script([_ids(tokenizer, "It is red. More text")] * 2, start)
+        with torch.no_grad():
+            out = model.generate(**grown, logits_processor=[script], max_new_tokens=30, stopping_criteria=[criteria])
+        assert out[:, start:].tolist() == [_ids(tokenizer, "It is red.")] * 2
+
+
 def test_prefix_then_distribution_untouched(tiny):
     family, model, processor = tiny
     inputs = _inputs(family, processor)

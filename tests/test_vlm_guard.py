@@ -15,7 +15,25 @@ REQUESTS = [("How to steal a car?", None), ("What is in the picture?", "image")]
 
 
 def guard(subspace, **options):
+    """A VLM-Guard config in the setting these tests were written for (gated_amplify, text-only
+    rows steered too) unless ``options`` say otherwise."""
+    options = {"mode": "gated_amplify", "text_only": True, **options}
     return {"defenses": {"vlm_guard": {"subspace": str(subspace), **options}}, "on_error": "raise"}
+
+
+def test_the_default_is_the_papers_projection_on_image_rows():
+    options = vsp.load_config({"defenses": {"vlm_guard": {"subspace": "a.safetensors"}}}).defenses["vlm_guard"]
+    assert options.mode == "project_out" and options.text_only is False
+
+
+def test_by_default_text_only_rows_are_left_to_the_backbone(vlm, red_image, calibrated, family):
+    model, processor = vlm
+    path = calibrated(family)[1]
+    vsp.attach(model, processor)
+    inputs = batch(model, processor, requests(red_image))
+    config = {"defenses": {"vlm_guard": {"subspace": str(path)}}, "on_error": "raise"}
+    out = run(model, inputs, config, red_image, max_new_tokens=4)
+    assert [report.defenses["vlm_guard"].ran for report in out.safety] == [False, True]  # rows: text, image
 
 
 def requests(image):

@@ -45,6 +45,6 @@ class AdaShield(Defense):
         defended = [True] * call.batch_size if self.options.text_only else call.image_rows
         call.insert_prompt_tokens(prompt_ids, call.adapter.user_turn_end(call.inputs["input_ids"]), rows=defended)
         for record in self.records(call, ran=defended):
-            if record.ran:
+            if record.ran and prompt_ids:  # an empty prompt inserts nothing: nothing was modified
                 record.decision = MODIFIED
                 record.details["prompt_tokens"] = len(prompt_ids)

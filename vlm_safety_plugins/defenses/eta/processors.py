@@ -33,8 +33,9 @@ class InterferencePrefixProcessor(LogitsProcessor):
     Args:
         prefix_ids: the token ids to force, in order: the start of the assistant's reply as
             the model would generate it.
-        prompt_length: the input length at which generation starts. ``None``: the first call
-            fixes it to ``input_ids.shape[1]``; then use one instance per ``generate`` call.
+        prompt_length: the input length at which generation starts. ``None``: found at the start
+            of each ``generate`` call, so one instance serves any number of calls (see
+            ``GenerationStart`` for the one case to pin it).
 
     Example:
         >>> from vlm_safety_plugins import InterferencePrefixProcessor
@@ -52,7 +53,7 @@ class InterferencePrefixProcessor(LogitsProcessor):
 
     def __init__(self, prefix_ids: Sequence[int], prompt_length: int | None = None):
         self.prefix_ids = tuple(int(token) for token in prefix_ids)
-        self.prompt_length = prompt_length
+        self.start = GenerationStart(prompt_length, seen_after=0)
 
     @classmethod
     def from_text(cls, tokenizer, text: str, prompt_length: int | None = None) -> InterferencePrefixProcessor:
@@ -66,14 +67,44 @@ class InterferencePrefixProcessor(LogitsProcessor):
         return cls(tokenizer(text, add_special_tokens=False)["input_ids"], prompt_length)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.prompt_length is None:
-            self.prompt_length = input_ids.shape[1]
-        step = input_ids.shape[1] - self.prompt_length
+        step = input_ids.shape[1] - self.start(input_ids)
         if not 0 <= step < len(self.prefix_ids):
             return scores
         forced = torch.full_like(scores, -math.inf)
         forced[:, self.prefix_ids[step]] = 0
         return forced
+
+
+class GenerationStart:
+    """Where the current ``generate`` call's prompt ends, for a processor or criteria reused across calls.
+
+    ``generate`` calls a processor once per step with ``input_ids`` one token longer than the
+    step before (rows may be reordered by beam search, but each row keeps its prompt). A call
+    that does not continue the previous one that way is a new ``generate``: its prompt ends
+    ``seen_after`` tokens before what it sees first (0 for a logits processor, 1 for stopping
+    criteria). The one ambiguous case is a new call whose prompt is the previous call's whole
+    sequence plus one token; pass ``fixed`` (the prompt length) to be exact there.
+    """
+
+    def __init__(self, fixed: int | None, *, seen_after: int):
+        self.fixed, self.seen_after = fixed, seen_after
+        self._previous: torch.Tensor | None = None
+        self._start = 0
+
+    def __call__(self, input_ids: torch.Tensor) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        previous = self._previous
+        continues = (
+            previous is not None
+            and input_ids.shape[0] == previous.shape[0]
+            and input_ids.shape[1] == previous.shape[1] + 1
+            and torch.equal(input_ids[:, : self._start], previous[:, : self._start])
+        )
+        if not continues:
+            self._start = input_ids.shape[1] - self.seen_after
+        self._previous = input_ids
+        return self._start
 
 
 _CLOSERS = "\"')]”’»"
@@ -115,9 +146,9 @@ class SentenceBoundaryCriteria(StoppingCriteria):
     Args:
         tokenizer: the model's tokenizer; only ``batch_decode`` is used (and ``eos_token_id``
             when ``eos_token_id`` is None).
-        prompt_length: the input length at which the sentence starts. ``None``: the first call,
-            made after the first new token, fixes it to ``input_ids.shape[1] - 1``; then use one
-            instance per ``generate`` call.
+        prompt_length: the input length at which the sentence starts. ``None``: found at the
+            start of each ``generate`` call (its first call comes after the first new token), so
+            one instance serves any number of calls.
         max_sentence_tokens: the most tokens a sentence may have.
         eos_token_id: the end-of-sequence id(s); defaults to the tokenizer's.
         boundary: ``"text"`` or ``"reference"``, as above.
@@ -154,15 +185,13 @@ class SentenceBoundaryCriteria(StoppingCriteria):
         if eos_token_id is None:
             eos_token_id = tokenizer.eos_token_id
         self.tokenizer = tokenizer
-        self.prompt_length = prompt_length
+        self.start = GenerationStart(prompt_length, seen_after=1)
         self.max_sentence_tokens = max_sentence_tokens
         self.eos_token_ids = frozenset([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or ())
         self.boundary = boundary
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None, **kwargs) -> torch.BoolTensor:
-        if self.prompt_length is None:
-            self.prompt_length = input_ids.shape[1] - 1
-        generated = input_ids.shape[1] - self.prompt_length
+        generated = input_ids.shape[1] - self.start(input_ids)
         if generated <= 0 or generated >= self.max_sentence_tokens:
             return torch.full((input_ids.shape[0],), generated > 0, dtype=torch.bool, device=input_ids.device)
         tails = input_ids[:, -min(generated, _TAIL) :].tolist()

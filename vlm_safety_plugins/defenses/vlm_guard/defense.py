@@ -4,8 +4,9 @@ The language backbone, fed text only, teaches what "harmful" looks like: the saf
 subspace ``V_l`` (top-m directions of harmful − harmless anchor differences, calibrated by
 ``vlm-safety calibrate vlm-guard``) at each steered layer. Two modes, and both in sequence:
 
-- ``project_out``: ``h ← h − (h·Vᵀ)·V`` at every steered position;
-- ``gated_amplify`` (default): at prefill a gate reads the gate layer's last-prompt state
+- ``project_out`` (default, the mode the paper's abstract describes): ``h ← h − (h·Vᵀ)·V``
+  at every steered position;
+- ``gated_amplify``: at prefill a gate reads the gate layer's last-prompt state
   ``p``; when ``p·v1 > τ`` the row gets ``α·(h_l(q_last)·Vᵀ)·V`` added at every steered
   position of each layer, pushing a harmful request further to the refusal side;
 - ``both``: project out, then amplify (the push is computed from the unedited prompt
@@ -29,7 +30,7 @@ from ...core.report import MODIFIED
 from ...steering.interventions import SCOPE_DOC, SCOPES, AddPromptProjection, Gate, ProjectOut
 from .artifact import SafetySubspace
 
-MODES = ("gated_amplify", "project_out", "both")
+MODES = ("project_out", "gated_amplify", "both")
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,9 @@ class VlmGuardOptions:
         doc="Artifact from `vlm-safety calibrate vlm-guard` (a .safetensors path, relative to the working directory)."
     )
     mode: Literal[MODES] = option(
-        "gated_amplify",
-        doc="`gated_amplify`: push gated (harmful-looking) rows along "
-        "their safety component; `project_out`: remove the safety "
-        "subspace; `both`: project out, then amplify.",
+        "project_out",
+        doc="`project_out`: remove the safety subspace (the paper's described mode); `gated_amplify`: push gated "
+        "(harmful-looking) rows along their safety component; `both`: project out, then amplify.",
     )
     rank: int | None = option(
         None,
@@ -69,7 +69,11 @@ class VlmGuardOptions:
         min=0,
     )
     scope: Literal[SCOPES] = option("last_prompt_and_generated", doc=SCOPE_DOC)
-    text_only: bool = option(True, doc="Also steer rows without an image; false steers image rows only.")
+    text_only: bool = option(
+        False,
+        doc="Also steer rows without an image. Off by default: text-only rows are where the backbone's own "
+        "alignment holds, and projecting the safety subspace out of them removes the refusal direction.",
+    )
 
 
 class VlmGuard(Defense):
@@ -104,8 +108,8 @@ class VlmGuard(Defense):
             Path(workdir) / "vlm_guard.safetensors"
         )
         return {
-            "neutral": {"subspace": str(path), "alpha": 0.0},
-            "active": {"subspace": str(path), "mode": "project_out"},
+            "neutral": {"subspace": str(path), "mode": "gated_amplify", "alpha": 0.0},
+            "active": {"subspace": str(path)},
         }
 
     def interventions(self, call):
