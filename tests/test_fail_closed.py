@@ -275,3 +275,119 @@ def test_an_edit_that_overflows_during_sampling_fails_closed(llava, red_image, r
             **{**config.to_dict(), "vlm_safety": {"defenses": {"overflows": {}}, "on_error": "raise"}}
         )
         model.generate(**inputs, generation_config=raising)
+
+
+# -- bad input at the command line: one clear error, no traceback ------------------------------
+
+
+@pytest.fixture(scope="module")
+def hostile_images(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("images")
+    Image.new("1", (15000, 15000)).save(folder / "bomb.png")  # 225 megapixels, beyond PIL's bomb limit
+    Image.new("RGB", (1, 20000)).save(folder / "thin.png")
+    return folder
+
+
+def test_a_decompression_bomb_is_refused_by_generate_and_eval(hostile_images, tmp_path):
+    bomb = hostile_images / "bomb.png"
+    result = CliRunner().invoke(cli, ["generate", "--image", str(bomb), "--prompt", "Hi."])
+    assert result.exit_code == 2 and "decompression bomb" in result.output and "Traceback" not in result.output
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"id": "a", "prompt": "Hi.", "image": str(bomb), "label": "benign"}) + "\n")
+    result = CliRunner().invoke(
+        cli, ["eval", "--benchmark", str(samples), "--model", "tiny-llava", "--out", str(tmp_path / "run")]
+    )
+    assert result.exit_code == 1 and "decompression bomb" in result.output, result.output
+
+
+def test_an_image_the_processor_cannot_take_is_a_clear_error(hostile_images):
+    result = CliRunner().invoke(
+        cli, ["generate", "--model", "tiny-qwen2-vl", "--image", str(hostile_images / "thin.png"), "--prompt", "Hi."]
+    )
+    assert result.exit_code == 1 and "the processor refused the request: absolute aspect ratio" in result.output
+
+
+@pytest.mark.parametrize(
+    "family, token", [("llava", "<image>"), ("qwen2_vl", "<|im_end|>"), ("gemma3", "<start_of_image>")]
+)
+def test_special_tokens_in_user_text_are_refused(family, token):
+    from vlm_safety_plugins.core.adapters import find_adapter
+    from vlm_safety_plugins.testing import tiny_image, tiny_vlm
+
+    adapter = find_adapter(*tiny_vlm(family))
+    with pytest.raises(vsp.AdapterError, match="row 1: the user text contains the model's special token"):
+        adapter.build_inputs([("Fine.", tiny_image()), (f"look {token} here", None)])
+    result = CliRunner().invoke(
+        cli, ["generate", "--model", f"tiny-{family.replace('_', '-')}", "--prompt", f"a {token}"]
+    )
+    assert result.exit_code == 1 and "special token" in result.output
+
+
+def test_two_eval_runs_cannot_write_one_folder(tmp_path):
+    from vlm_safety_plugins.evaluation.responses import ResponseLog
+    from vlm_safety_plugins.evaluation.samples import EvaluationError
+
+    first, second = ResponseLog(tmp_path), ResponseLog(tmp_path)
+    first.bind({"model": "m"})
+    with pytest.raises(EvaluationError, match="another vlm-safety eval is writing this folder"):
+        second.bind({"model": "m"})
+    first.release()
+    second.bind({"model": "m"})  # free again once the first run is done
+    second.release()
+
+
+# -- a model whose generate is already replaced (transformers' custom_generate) ------------------
+
+
+def test_attach_keeps_a_custom_generate_and_detach_restores_it(llava, red_image):
+    import functools
+
+    from transformers.generation.utils import GenerationMixin
+
+    model, processor = llava
+    seen = []
+
+    def custom_generate(model, **kwargs):  # as transformers installs one: functools.partial(custom, model=model)
+        seen.append(kwargs["input_ids"].shape[1])
+        return GenerationMixin.generate(model, **kwargs)
+
+    custom = functools.partial(custom_generate, model=model)
+    model.generate = custom
+    vsp.attach(model, processor)
+    inputs = batch(model, processor, [("What is in the picture?", red_image)])
+    config = generation(model, {"defenses": {"adashield": {}}}, max_new_tokens=2, return_dict_in_generate=True)
+    out = model.generate(**inputs, generation_config=config)
+    assert out.safety[0].decision == "modified" and len(seen) == 1
+    assert seen[0] > inputs["input_ids"].shape[1]  # the custom generate ran, on the defended prompt
+    vsp.detach(model)
+    assert model.generate is custom
+
+
+def test_a_generate_nested_in_a_defended_call_is_plain_and_does_not_apply_the_defenses_twice(llava, red_image):
+    from transformers.generation.utils import GenerationMixin
+
+    model, processor = llava
+    entries = []
+
+    def delegating_generate(**kwargs):  # a custom generate that decodes with model.generate
+        entries.append(kwargs["input_ids"].shape[1])
+        if len(entries) > 1:  # (without the guard, the nested call comes back here, defended again)
+            return GenerationMixin.generate(model, **kwargs)
+        return model.generate(**kwargs)
+
+    model.generate = delegating_generate
+    vsp.attach(model, processor)
+    inputs = batch(model, processor, [("What is in the picture?", red_image)])
+    config = generation(model, {"defenses": {"adashield": {}}}, max_new_tokens=2, return_dict_in_generate=True)
+    prompt_lengths = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, k: prompt_lengths.append(k["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        out = model.generate(**inputs, generation_config=config)
+    finally:
+        hook.remove()
+    assert len(entries) == 1 and out.safety[0].decision == "modified"
+    assert prompt_lengths[0] == entries[0]  # the AdaShield prompt went in once

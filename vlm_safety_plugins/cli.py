@@ -222,6 +222,8 @@ def _load_image(path):
             return image.convert("RGB")
     except UnidentifiedImageError:
         reason = "not in an image format PIL can read"
+    except Image.DecompressionBombError as error:
+        reason = f"refused: {error}"
     except OSError as error:
         reason = error.strerror or str(error)
     raise click.BadParameter(f"cannot read image {path!r}: {reason}", param_hint="'--image'")

@@ -13,6 +13,7 @@ the shared model, so one attached model serves concurrent calls with different f
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import threading
 import time
@@ -32,6 +33,8 @@ from .errors import DefenseError
 from .report import DefenseRecord, SafetyReport
 
 ATTACHMENT_ATTRIBUTE = "_vlm_safety_attachment"
+_RUNNING: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("vlm_safety_running", default=frozenset())
+"""The attachments running a defended call in this context (thread or task)."""
 INNER_KINDS = ("interventions", "logits_processors", "stopping_criteria")  # work done inside the inner generate
 CACHE_LIMIT = 64  # distinct configs (and defense instances) kept per attached model
 # Per prompt-shaped input: (value of an inserted token, value of a padding token).
@@ -68,7 +71,10 @@ def detach(model):
     attachment = model.__dict__.pop(ATTACHMENT_ATTRIBUTE, None)
     if attachment is not None:
         attachment.hooks.remove()
-        model.__dict__.pop("generate", None)
+        if attachment.replaced is None:
+            model.__dict__.pop("generate", None)
+        else:  # the model's own instance-level generate (transformers' custom_generate) comes back
+            model.__dict__["generate"] = attachment.replaced
     return model
 
 
@@ -83,6 +89,8 @@ class Attachment:
     def __init__(self, model, processor, adapter, trust_remote_code: bool = False):
         self.model, self.processor, self.adapter = model, processor, adapter
         self.original_generate = model.generate
+        # A generate the instance already had (transformers' custom_generate sets one), restored by detach.
+        self.replaced = model.__dict__.get("generate")
         self.hooks = InterventionHooks(adapter.decoder_layers(), adapter.hidden_size())
         self.resources = Resources(trust_remote_code=trust_remote_code)
         self._configs: dict[str, SafetyConfig] = {}
@@ -92,6 +100,11 @@ class Attachment:
     def generate(self, *args, **kwargs):
         """transformers' generate, plus the defenses named by the ``vlm_safety`` flag."""
         images = kwargs.pop("images", None)
+        if id(self) in _RUNNING.get():
+            # Called from inside one of this model's defended calls (a custom generate that decodes
+            # with model.generate): the outer call's defenses already apply, so this is plain generate.
+            kwargs.pop(GENERATION_CONFIG_KEY, None)
+            return type(self.model).generate(self.model, *args, **kwargs)
         flags = kwargs.pop(GENERATION_CONFIG_KEY, None)
         if flags is None:
             generation_config = kwargs.get("generation_config") or self.model.generation_config
@@ -295,6 +308,7 @@ class GenerationCall:
     def run(self):
         """Apply the defenses, generate, restore the caller's prompt and attach the reports."""
         wants_dict = _wants_dict_output(self.kwargs, self.generation_config)
+        running = _RUNNING.set(_RUNNING.get() | {id(self._attachment)})
         try:
             for defense in self._defenses_doing("transform_inputs"):
                 self._step(defense, defense.transform_inputs, self)
@@ -306,6 +320,8 @@ class GenerationCall:
             if self.config.on_error == "raise":
                 raise failure.error from None
             output = self._refuse(f"{failure.defense}: {type(failure.error).__name__}: {failure.error}")
+        finally:
+            _RUNNING.reset(running)
         output.safety = self.reports
         for report in self.reports:
             plugins.pm.hook.safety_report(report=report)

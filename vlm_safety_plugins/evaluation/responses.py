@@ -10,6 +10,7 @@ different settings is an error, so one file never mixes two runs.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from .samples import EvaluationError
 
 RESPONSES_FILE = "responses.jsonl"
 SETTINGS_FILE = "run.json"
+LOCK_FILE = ".lock"
 
 
 class ResponseLog:
@@ -27,11 +29,20 @@ class ResponseLog:
         self.folder = Path(folder)
         self.path = self.folder / RESPONSES_FILE
         self.settings_path = self.folder / SETTINGS_FILE
+        self._lock = None
 
     def bind(self, settings: dict) -> None:
-        """Create the folder and record ``settings``, or check them against a run already there."""
+        """Create the folder and take it for this process (one run writes a folder at a time),
+        then record ``settings``, or check them against a run already there."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        settings = json.loads(json.dumps(settings, default=str))
+        self._take_folder()
+        try:
+            self._check_settings(json.loads(json.dumps(settings, default=str)))
+        except BaseException:
+            self.release()
+            raise
+
+    def _check_settings(self, settings: dict) -> None:
         if self.settings_path.exists():
             try:
                 recorded = json.loads(self.settings_path.read_text(encoding="utf-8"))
@@ -51,6 +62,26 @@ class ResponseLog:
             )
         else:
             self.settings_path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+
+    def release(self) -> None:
+        """Let another run write the folder (also done by the OS when the process ends)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _take_folder(self) -> None:
+        if self._lock is not None:
+            return
+        handle = (self.folder / LOCK_FILE).open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise EvaluationError(
+                "another vlm-safety eval is writing this folder; wait for it or use another output folder",
+                source=self.folder,
+            ) from None
+        self._lock = handle
 
     def read(self) -> dict[str, dict]:
         """The records so far, by sample id, in file order; drops a cut-off last line."""

@@ -86,29 +86,32 @@ def run_eval(
     }
     log = ResponseLog(out_dir)
     log.bind(run)
-    done = log.read()
-    pending = [sample for sample in samples if sample.id not in done]
-    if progress is not None and len(samples) > len(pending):
-        progress(len(samples) - len(pending))
-    if pending:
-        vsp.attach(model, processor, trust_remote_code=trust_remote_code)
-        settings = generation_config(model, config, max_new_tokens=max_new_tokens, return_dict_in_generate=True)
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start : start + batch_size]
-            log.append(_answer(model, batch, settings, judge, seed))
-            if progress is not None:
-                progress(len(batch))
-    records = log.read()
-    answered = [records[sample.id] for sample in samples if sample.id in records]
-    summary = summarize(answered)
-    summary["run"] = {
-        **run,
-        "config_source": config.source if config is not None else None,
-        "defenses": defenses,
-        "batch_size": batch_size,
-        "limit": limit,
-    }
-    write_outputs(Path(out_dir), summary, answered)
+    try:
+        done = log.read()
+        pending = [sample for sample in samples if sample.id not in done]
+        if progress is not None and len(samples) > len(pending):
+            progress(len(samples) - len(pending))
+        if pending:
+            vsp.attach(model, processor, trust_remote_code=trust_remote_code)
+            settings = generation_config(model, config, max_new_tokens=max_new_tokens, return_dict_in_generate=True)
+            for start in range(0, len(pending), batch_size):
+                batch = pending[start : start + batch_size]
+                log.append(_answer(model, batch, settings, judge, seed))
+                if progress is not None:
+                    progress(len(batch))
+        records = log.read()
+        answered = [records[sample.id] for sample in samples if sample.id in records]
+        summary = summarize(answered)
+        summary["run"] = {
+            **run,
+            "config_source": config.source if config is not None else None,
+            "defenses": defenses,
+            "batch_size": batch_size,
+            "limit": limit,
+        }
+        write_outputs(Path(out_dir), summary, answered)
+    finally:
+        log.release()
     return summary
 
 

@@ -66,6 +66,8 @@ class Sample:
             reason = "image file not found"
         except UnidentifiedImageError:
             reason = "not an image PIL can read"
+        except Image.DecompressionBombError as error:
+            reason = f"refused: {error}"
         except OSError as error:
             reason = f"cannot read image: {error.strerror or error}"
         raise BenchmarkError(reason, source=self.image, where=f"sample {self.id}")
