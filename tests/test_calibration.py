@@ -324,7 +324,7 @@ def test_cli_calibrates_artifacts_that_a_yaml_config_then_loads(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(
         f"defenses:\n  cmrm:\n    vectors: {cmrm_out}\n  vlm_guard:\n    subspace: {guard_out}\n"
-        "    tau: -1000000000.0\non_error: raise\n"
+        "    mode: gated_amplify\n    tau: -1000000000.0\non_error: raise\n"
     )
     image = tmp_path / "red.png"
     tiny_image().save(image)
