@@ -92,13 +92,29 @@ class ModelAdapter:
             raise ValueError(f"image_mode must be one of {', '.join(IMAGE_MODES)}; got {image_mode!r}")
         generator = np.random.default_rng(seed)
         texts, images = [], []
-        for text, image in requests:
+        for row, (text, image) in enumerate(requests):
+            self.check_user_text(text, row)
             keep = image is not None and image_mode != "none"
             if keep and image_mode != "real":
                 image = self.corrupted_image(image_mode, generator, size=self.corruption_size(image))
             images.append([image.convert("RGB")] if keep else [])
             texts.append(self.prompt(text, keep))
-        return self.process(texts, images)
+        try:
+            return self.process(texts, images)
+        except (ValueError, TypeError) as error:  # the processor's own checks (image size, aspect ratio, ...)
+            raise AdapterError(f"the processor refused the request: {error}") from None
+
+    def check_user_text(self, text: str, row: int = 0) -> None:
+        """Refuse user text holding the model's special tokens (an image placeholder, a turn
+        marker): they would be read as structure, not as words (an extra image slot, a forged turn)."""
+        special = {getattr(self.processor, name, None) for name in ("image_token", "video_token", "boi_token")}
+        special |= set(self.tokenizer.all_special_tokens)
+        found = sorted(token for token in special if token and token in text)
+        if found:
+            raise AdapterError(
+                f"row {row}: the user text contains the model's special token {found[0]!r}; remove it "
+                "(images are passed as images, not as placeholder text)"
+            )
 
     def process(self, texts: list[str], images: list[list[Image.Image]]):
         """Run the processor on chat-formatted prompts and one list of images per row, left-padded."""
