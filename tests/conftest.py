@@ -73,6 +73,18 @@ def register():
         plugins.pm.unregister(plugin)
 
 
+def attach_unable_to_rebuild_images(model, processor):
+    """Attach with an adapter that cannot rebuild raw images from ``pixel_values`` (as a family
+    whose processor flattens them beyond recovery would): defenses needing images must be given ``images=``."""
+    base = vsp.core.adapters.find_adapter(model, processor)
+
+    class NoRebuild(type(base)):
+        def rebuild_images(self, inputs):
+            raise vsp.DefenseError(f"{type(self.base_model).__name__}: pass images=[...] to generate (one per row)")
+
+    return vsp.attach(model, processor, adapter=NoRebuild(model, processor))
+
+
 def batch(model, processor, requests):
     """Inputs for (text, image-or-None) requests built with the attached model's adapter."""
     attachment = vsp.get_attachment(model)

@@ -12,7 +12,7 @@ import vlm_safety_plugins as vsp
 from vlm_safety_plugins.defenses.cmrm.calibration import calibrate_cmrm
 from vlm_safety_plugins.testing import tiny_vlm
 
-from .conftest import assert_same_tokens, batch, capture, concurrent, generation
+from .conftest import assert_same_tokens, attach_unable_to_rebuild_images, batch, capture, concurrent, generation
 
 QUESTION = "Describe the colours in this picture."
 
@@ -235,8 +235,8 @@ def test_options_that_do_not_fit_the_artifact_are_clear_errors(red_image, calibr
 
 
 def test_sample_level_needs_the_raw_image_where_it_cannot_be_rebuilt(red_image):
-    model, processor = tiny_vlm("qwen2_vl")
-    vsp.attach(model, processor)
+    model, processor = tiny_vlm("llava")
+    attach_unable_to_rebuild_images(model, processor)
     inputs = batch(model, processor, [("What is in the picture?", red_image)])
     config = generation(model, {**cmrm(level="sample"), "on_error": "raise"}, max_new_tokens=2)
     with pytest.raises(vsp.DefenseError, match="images="):

@@ -10,7 +10,7 @@ from vlm_safety_plugins.defenses.eta.best_of_n import GROWING_INPUTS, extend_con
 from vlm_safety_plugins.defenses.eta.defense import candidate_scores, uses_utility
 from vlm_safety_plugins.scorers.reward import BEST_OF_N_INSTRUCTION, POST_EVAL_INSTRUCTION
 
-from .conftest import assert_same_tokens, batch, new_tokens
+from .conftest import assert_same_tokens, attach_unable_to_rebuild_images, batch, new_tokens
 
 PREFIX = "As an AI assistant"
 # Thresholds that force each verdict on the untrained tiny evaluators (cosines lie in [-1, 1]).
@@ -216,8 +216,8 @@ def test_alignment_respects_the_calls_token_budget(attached):
 
 
 def test_missing_images_follow_on_error():
-    model, processor = testing.tiny_vlm("qwen2_vl")  # its pixel_values cannot be turned back into images
-    vsp.attach(model, processor)
+    model, processor = testing.tiny_vlm("llava")
+    attach_unable_to_rebuild_images(model, processor)
     image = testing.tiny_image()
     inputs = batch(model, processor, [("What is in the picture?", image)])
     out = run(model, inputs, eta(), None)

@@ -281,6 +281,8 @@ class GenerationCall:
         with positions counted from the call's prompt, as in one uninterrupted generate.
         """
         kwargs = _inner_generate_kwargs({**self.kwargs, **(self.inputs if rows is None else {}), **overrides})
+        if rows is not None:  # per-call state the model would keep between passes (Qwen2-VL: M-RoPE offsets)
+            kwargs.update(self.adapter.continuation_inputs(self.inputs, rows, kwargs))
         processors = self._collect("logits_processors")
         if processors:
             kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), *processors])

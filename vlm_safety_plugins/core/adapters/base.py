@@ -243,12 +243,14 @@ class ModelAdapter:
 
     # -- continuing from a cache ------------------------------------------------------------
 
-    def select_cached_rows(self, rows: Sequence[int]) -> None:
-        """Narrow per-batch state the model keeps between forward passes to ``rows``.
+    def continuation_inputs(self, prompt: dict, rows: Sequence[int], inputs: dict) -> dict:
+        """Extra model inputs for continuing ``rows`` of a call whose prompt was ``prompt`` from a KV cache.
 
-        Called before generation continues from a KV cache holding those rows of an
-        earlier batch. Most models keep no such state; Qwen2-VL keeps its M-RoPE offsets.
+        ``inputs`` are the continuation's own (the grown ``input_ids`` and attention mask). Whatever the
+        model would otherwise keep between passes is computed here, per call, so concurrent calls
+        cannot clobber each other. Most models need nothing; Qwen2-VL needs its M-RoPE positions.
         """
+        return {}
 
     # -- raw images -------------------------------------------------------------------------
 

@@ -199,7 +199,6 @@ class Eta(Defense):
         ``cache`` holds the row's prompt but its last position; it is consumed.
         """
         options = self.options
-        call.adapter.select_cached_rows([row])
         prompt = {
             name: call.inputs[name][row : row + 1] for name in ("input_ids", *GROWING_INPUTS) if name in call.inputs
         }
