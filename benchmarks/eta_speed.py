@@ -38,6 +38,7 @@ from transformers import DynamicCache
 
 import vlm_safety_plugins as vsp
 from vlm_safety_plugins import testing
+from vlm_safety_plugins.core.adapters import find_adapter
 from vlm_safety_plugins.defenses.eta.best_of_n import GROWING_INPUTS, extend_context, keep_row
 from vlm_safety_plugins.defenses.eta.defense import candidate_scores, uses_utility
 from vlm_safety_plugins.scorers.reward import BEST_OF_N_INSTRUCTION, POST_EVAL_INSTRUCTION
@@ -141,7 +142,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, processor, twin = sized_llava_pair(args.hidden, args.layers, args.device)
-    adapter = vsp.core.adapters.find_adapter(twin, processor)
+    adapter = find_adapter(twin, processor)
     image = testing.tiny_image((200, 40, 40), size=336)
     inputs = adapter.build_inputs([("What is in the picture?", image)]).to(args.device)
     settings = dict(suppress_tokens=boundary_token_ids(adapter.tokenizer))

@@ -35,6 +35,7 @@ from transformers import LogitsProcessor
 
 import vlm_safety_plugins as vsp
 from vlm_safety_plugins import testing
+from vlm_safety_plugins.core.adapters import find_adapter
 from vlm_safety_plugins.defenses.cmrm.anchors import cmrm_anchors
 from vlm_safety_plugins.defenses.vlm_guard.anchors import vlm_guard_pairs
 
@@ -68,7 +69,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     model, processor, twin = sized_llava_pair(args.hidden, args.layers, args.device)
-    adapter = vsp.core.adapters.find_adapter(twin, processor)
+    adapter = find_adapter(twin, processor)
     images = [testing.tiny_image((40 + 60 * row, 90, 200), size=336) for row in range(args.batch)]
     inputs = adapter.build_inputs([("What is in the picture?", image) for image in images]).to(args.device)
     folder = Path(tempfile.mkdtemp())

@@ -24,6 +24,7 @@ from timing import device_name, interleaved_medians, write_report
 
 import vlm_safety_plugins as vsp
 from vlm_safety_plugins.core import plugins
+from vlm_safety_plugins.core.adapters import find_adapter
 from vlm_safety_plugins.testing import FAMILIES, tiny_image, tiny_vlm
 
 
@@ -61,7 +62,7 @@ def main() -> None:
     model.to(args.device)
     twin.to(args.device)
     requests = [("What is in the picture?", tiny_image((40 * i % 256, 90, 200))) for i in range(args.batch)]
-    adapter = vsp.core.adapters.find_adapter(model, processor)
+    adapter = find_adapter(model, processor)
     inputs = adapter.build_inputs(requests).to(args.device)
     settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     vsp.attach(model, processor)

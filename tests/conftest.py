@@ -9,6 +9,7 @@ from PIL import Image
 
 import vlm_safety_plugins as vsp
 from vlm_safety_plugins.core import plugins
+from vlm_safety_plugins.core.adapters import find_adapter
 from vlm_safety_plugins.testing import FAMILIES, tiny_vlm
 from vlm_safety_plugins.testing.conformance import run_concurrently as concurrent  # noqa: F401 - used by tests
 
@@ -76,7 +77,7 @@ def register():
 def attach_unable_to_rebuild_images(model, processor):
     """Attach with an adapter that cannot rebuild raw images from ``pixel_values`` (as a family
     whose processor flattens them beyond recovery would): defenses needing images must be given ``images=``."""
-    base = vsp.core.adapters.find_adapter(model, processor)
+    base = find_adapter(model, processor)
 
     class NoRebuild(type(base)):
         def rebuild_images(self, inputs):
@@ -88,7 +89,7 @@ def attach_unable_to_rebuild_images(model, processor):
 def batch(model, processor, requests):
     """Inputs for (text, image-or-None) requests built with the attached model's adapter."""
     attachment = vsp.get_attachment(model)
-    adapter = attachment.adapter if attachment else vsp.core.adapters.find_adapter(model, processor)
+    adapter = attachment.adapter if attachment else find_adapter(model, processor)
     return adapter.build_inputs(requests)
 
 

@@ -6,6 +6,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import vlm_safety_plugins as vsp
 from vlm_safety_plugins import testing
+from vlm_safety_plugins.core.adapters import find_adapter
 from vlm_safety_plugins.defenses.eta.best_of_n import GROWING_INPUTS, extend_context, prefill_cache, sentence_best_of_n
 from vlm_safety_plugins.defenses.eta.defense import candidate_scores, uses_utility
 from vlm_safety_plugins.scorers.reward import BEST_OF_N_INSTRUCTION, POST_EVAL_INSTRUCTION
@@ -263,7 +264,7 @@ def evaluators():
 
 
 def _row(model, processor):
-    adapter = vsp.core.adapters.find_adapter(model, processor)
+    adapter = find_adapter(model, processor)
     inputs = adapter.build_inputs([("What is in the picture?", testing.tiny_image())])
     context = {name: inputs[name] for name in ("input_ids", *GROWING_INPUTS) if name in inputs}
     return adapter, inputs, context
