@@ -107,9 +107,7 @@ class ModelAdapter:
     def check_user_text(self, text: str, row: int = 0) -> None:
         """Refuse user text holding the model's special tokens (an image placeholder, a turn
         marker): they would be read as structure, not as words (an extra image slot, a forged turn)."""
-        special = {getattr(self.processor, name, None) for name in ("image_token", "video_token", "boi_token")}
-        special |= set(self.tokenizer.all_special_tokens)
-        found = sorted(token for token in special if token and token in text)
+        found = [token for token in self.special_tokens if token in text]
         if found:
             raise AdapterError(
                 f"row {row}: the user text contains the model's special token {found[0]!r}; remove it "
@@ -128,6 +126,12 @@ class ModelAdapter:
             padding_side="left",
             add_special_tokens=not template_adds_bos,
         )
+
+    @functools.cached_property
+    def special_tokens(self) -> tuple[str, ...]:
+        """The strings the processor and tokenizer read as structure, never as user words."""
+        special = {getattr(self.processor, name, None) for name in ("image_token", "video_token", "boi_token")}
+        return tuple(sorted(token for token in special | set(self.tokenizer.all_special_tokens) if token))
 
     def images_argument(self, images: list[list[Image.Image]]):
         """The processor's ``images=`` for one list of images per row: flat, or None if there are none.
