@@ -13,6 +13,7 @@ the shared model, so one attached model serves concurrent calls with different f
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import copy
 import threading
@@ -410,7 +411,7 @@ class _GatedStreamer:
 
     def __init__(self, streamer, holders: set[str]):
         self.streamer, self.holders = streamer, set(holders)
-        self.held: list = []  # puts (tensors) and END, in order
+        self.held: collections.deque = collections.deque()  # puts (tensors) and _END, in order
         self.started = self.ended = False  # started: anything was put, held or sent
         self.sent_puts = self.sent_tokens = 0
 
@@ -435,7 +436,7 @@ class _GatedStreamer:
 
     def refuse(self, prompt: torch.Tensor, answer: torch.Tensor) -> None:
         """Stream the refusal in place of anything held: the prompt first if nothing went out yet."""
-        self.held = []
+        self.held.clear()
         if self.ended:
             return
         if not self.sent_puts:
@@ -446,7 +447,7 @@ class _GatedStreamer:
 
     def _flush(self) -> None:
         while self.held and not self.holders and not self.ended:
-            value = self.held.pop(0)
+            value = self.held.popleft()
             if value is _END:
                 self.ended = True
                 self.streamer.end()
