@@ -2,13 +2,16 @@
 
 Any ``AutoModelForSequenceClassification`` reward model works: the score is the output's
 ``score`` when it has one (ArmoRM's gated aggregate, the reference's number), else
-``logits[:, 0]``. Each pair is rendered as a user/assistant chat with the reward model's
+``logits[:, 0]``. ArmoRM checkpoints load through our own implementation (``armorm.py``),
+without remote code. Each pair is rendered as a user/assistant chat with the reward model's
 own chat template, truncated to ``max_length`` tokens (ref: 4096) and scored in batches.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -68,9 +71,11 @@ class RewardScorer(Evaluator):
     ) -> RewardScorer:
         """Load a reward model and its tokenizer from a hub id or local directory.
 
-        ArmoRM: ``RewardScorer.load("RLHFlow/ArmoRM-Llama3-8B-v0.1", trust_remote_code=True,
-        dtype=torch.bfloat16, device="cuda")``. An offline model name (``tiny-reward-model``, see
-        ``offline.REWARD_MODELS``) builds that model instead. Raises ModelLoadError if loading fails.
+        ArmoRM: ``RewardScorer.load("RLHFlow/ArmoRM-Llama3-8B-v0.1", dtype=torch.bfloat16, device="cuda")``;
+        a checkpoint whose config names ``LlamaForRewardModelWithGating`` loads with ``armorm.load``
+        (no remote code; ``trust_remote_code`` is ignored for it). An offline model name
+        (``tiny-reward-model``, see ``offline.REWARD_MODELS``) builds that model instead. Raises
+        ModelLoadError if loading fails.
         """
         from ..testing import offline
 
@@ -79,7 +84,14 @@ class RewardScorer(Evaluator):
             return cls(model.to(device) if device else model, tokenizer, max_length=max_length, batch_size=batch_size)
         with loading(f"reward model {path!r} (a hub id or local directory)"):
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
+            from transformers.utils import cached_file
 
+            from . import armorm
+
+            config = cached_file(path, "config.json", _raise_exceptions_for_missing_entries=False)
+            if config is not None and armorm.is_armorm_config(json.loads(Path(config).read_text())):
+                model, tokenizer = armorm.load(path, dtype=dtype, device=device)
+                return cls(model, tokenizer, max_length=max_length, batch_size=batch_size)
             model = AutoModelForSequenceClassification.from_pretrained(
                 path, trust_remote_code=trust_remote_code, dtype=dtype, device_map=device
             )
