@@ -378,3 +378,77 @@ def test_cli_calibrates_artifacts_that_a_yaml_config_then_loads(tmp_path):
 def test_cli_calibrate_rejects_bad_input(arguments, fragment):
     result = CliRunner().invoke(cli, ["calibrate", "cmrm", *arguments])
     assert result.exit_code == 2 and fragment in result.output and "Traceback" not in result.output
+
+
+def test_an_artifact_calibrated_on_other_weights_of_the_same_architecture_is_refused(calibrated, red_image):
+    from .conftest import generation
+
+    model, processor = tiny_vlm("llava", seed=1)  # same config as the calibrated seed-0 model, other weights
+    vsp.attach(model, processor)
+    inputs = batch(model, processor, [("What is in the picture?", red_image)])
+    for kind, path, option in (
+        ("cmrm", calibrated("llava")[0], "vectors"),
+        ("vlm_guard", calibrated("llava")[1], "subspace"),
+    ):
+        options = {option: str(path), "mode": "both", "tau": -1e9} if kind == "vlm_guard" else {option: str(path)}
+        config = {"defenses": {kind: options}, "on_error": "raise"}
+        with pytest.raises(vsp.ArtifactError) as caught:
+            model.generate(**inputs, images=[red_image], generation_config=generation(model, config, max_new_tokens=2))
+        message, theirs = str(caught.value), (CmrmVectors if kind == "cmrm" else SafetySubspace).load(path)
+        assert message.startswith(str(path)) and "config hash" not in message
+        fingerprint = ModelIdentity.of(vsp.get_attachment(model).adapter).weights_fingerprint
+        assert f"weights fingerprint {fingerprint} here, {theirs.model.weights_fingerprint} in the artifact" in message
+        assert "allow_other_weights" in message
+        options["allow_other_weights"] = True
+        out = model.generate(
+            **inputs,
+            images=[red_image],
+            generation_config=generation(model, config, max_new_tokens=2, return_dict_in_generate=True),
+        )
+        assert out.safety[0].defenses[kind].ran and out.safety[0].error is None
+    vsp.detach(model)
+
+
+def test_weights_fingerprint_follows_the_base_weights_not_their_dtype_or_an_unmerged_adapter(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from vlm_safety_plugins.steering.artifacts import weights_fingerprint
+
+    def fingerprint(model, processor):
+        return weights_fingerprint(find_adapter(model, processor))
+
+    model, processor = tiny_vlm("gemma3")
+    base = fingerprint(model, processor)
+    assert base == fingerprint(*tiny_vlm("gemma3")) != fingerprint(*tiny_vlm("gemma3", seed=1))
+    path = calibrate_vlm_guard(model, processor, PAIRS, rank=2).save(tmp_path / "g.safetensors")
+    assert SafetySubspace.load(path).model.weights_fingerprint == base
+    rounded = tiny_vlm("gemma3")[0].to(torch.bfloat16)  # a lossy dtype change: other values
+    in_bf16 = fingerprint(rounded, processor)
+    assert in_bf16 != base and fingerprint(rounded.float(), processor) == in_bf16  # upcasting keeps the values
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    wrapped = get_peft_model(model, lora)
+    assert fingerprint(wrapped, processor) == base  # LoRA adds weights and leaves the base ones
+    SafetySubspace.load(path).check_model(find_adapter(wrapped, processor))
+    merged = wrapped.merge_and_unload()  # merging changes the base weights
+    assert fingerprint(merged, processor) != base
+    with pytest.raises(vsp.ArtifactError, match="weights fingerprint"):
+        SafetySubspace.load(path).check_model(find_adapter(merged, processor))
+    SafetySubspace.load(path).check_model(find_adapter(merged, processor), allow_other_weights=True)
+
+
+def test_an_artifact_without_a_weights_fingerprint_is_refused_unless_other_weights_are_allowed(calibrated, tmp_path):
+    from safetensors import safe_open
+
+    with safe_open(str(calibrated("llava")[0]), framework="pt") as handle:
+        metadata, tensors = dict(handle.metadata()), {key: handle.get_tensor(key) for key in handle.keys()}
+    metadata.pop("weights_fingerprint", None)  # as written before artifacts recorded one
+    old = tmp_path / "old.cmrm.safetensors"
+    save_file(tensors, str(old), metadata=metadata)
+    adapter = find_adapter(*tiny_vlm("llava"))  # the very model it was calibrated on
+    with pytest.raises(vsp.ArtifactError) as caught:
+        CmrmVectors.load(old).check_model(adapter)
+    message = str(caught.value)
+    assert message.startswith(str(old)) and "records no weights fingerprint" in message
+    assert "vlm-safety calibrate cmrm" in message and "allow_other_weights" in message
+    CmrmVectors.load(old).check_model(adapter, allow_other_weights=True)

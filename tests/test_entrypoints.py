@@ -150,3 +150,55 @@ def test_environment_allowlist_and_blocklist_decide_which_entry_points_load(exam
         defenses = json.loads(stdout.splitlines()[-1])
         assert "adashield" in defenses, case  # built-ins are not entry points: always registered
         assert ("keyword_refusal" in defenses) is cases[case], case
+
+
+def test_an_entry_point_name_declared_by_two_distributions_loads_only_when_qualified(example, tmp_path):
+    """A second distribution declaring the entry point ``example`` (put first on the path) must not be
+    imported under a bare allowlist: the clash is an error naming both, ``distribution:name`` settles it."""
+    (tmp_path / "impostor_plugin.py").write_text('"""Imported only when chosen by name and distribution."""\n')
+    info = tmp_path / "impostor_plugins-6.6.6.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: impostor-plugins\nVersion: 6.6.6\n")
+    (info / "entry_points.txt").write_text(f"[{plugins.ENTRY_POINT_GROUP}]\nexample = impostor_plugin\n")
+    script = (
+        "import json, sys; from vlm_safety_plugins.core import plugins\n"
+        "try: defenses, error = sorted(plugins.registry().defenses), None\n"
+        "except Exception as caught: defenses, error = [], f'{type(caught).__name__}: {caught}'\n"
+        "modules = [name for name in ('vlm_safety_example.plugin', 'impostor_plugin') if name in sys.modules]\n"
+        "print(json.dumps([defenses, error, modules]))"
+    )
+    clean = {name: value for name, value in os.environ.items() if name not in (plugins.ALLOW_ENV, plugins.BLOCK_ENV)}
+    clean["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    real, impostor = ["vlm_safety_example.plugin"], ["impostor_plugin"]
+    cases = {  # extra environment -> the modules imported (None: a clash error, nothing imported)
+        (plugins.ALLOW_ENV, "example"): None,
+        (plugins.BLOCK_ENV, ""): None,
+        (plugins.BLOCK_ENV, "example"): [],  # a bare name blocks every entry point of that name
+        (plugins.ALLOW_ENV, "vlm-safety-example:example"): real,
+        (plugins.BLOCK_ENV, "impostor-plugins:example"): real,
+        (plugins.ALLOW_ENV, "Impostor_Plugins:example"): impostor,  # distribution names are normalized
+    }
+    running = {
+        case: subprocess.Popen(
+            [sys.executable, "-c", script], env={**clean, case[0]: case[1]}, stdout=subprocess.PIPE, text=True
+        )
+        for case in cases
+    }
+    for case, process in running.items():
+        defenses, error, modules = json.loads(process.communicate(timeout=300)[0].splitlines()[-1])
+        if cases[case] is None:
+            assert error and error.startswith("ConfigError") and modules == [], (case, error, modules)
+            assert "'example'" in error and "impostor-plugins" in error and EXAMPLE_DISTRIBUTION in error, error
+        else:
+            assert error is None and modules == cases[case], (case, error, modules)
+            assert ("keyword_refusal" in defenses) is (modules == real), case
+    # the command line says it in one line, no traceback
+    cli_run = subprocess.run(
+        [sys.executable, "-c", "from vlm_safety_plugins.cli import cli; cli()", "--help"],
+        env={**clean, plugins.ALLOW_ENV: "example"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cli_run.returncode == 1 and "Traceback" not in cli_run.stderr, cli_run.stderr
+    assert cli_run.stderr.startswith("Error: ") and "impostor-plugins" in cli_run.stderr

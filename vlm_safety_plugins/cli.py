@@ -44,10 +44,14 @@ class PluginCommands(click.Group):
 
     def _load(self) -> None:
         if not self._loaded:
-            self._loaded = True
             from .core import plugins
+            from .core.errors import ConfigError
 
-            plugins.load_plugins()
+            try:
+                plugins.load_plugins()
+            except ConfigError as error:  # e.g. two installed plugins under one entry-point name
+                raise click.ClickException(str(error)) from None
+            self._loaded = True
             plugins.pm.hook.register_commands(cli=self)
 
     def list_commands(self, ctx):

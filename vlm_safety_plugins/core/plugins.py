@@ -5,9 +5,17 @@ packages declare ``[project.entry-points.vlm_safety_plugins]``. Both are importe
 once, the first time the registry is needed. Importing a plugin runs its code, so two
 environment variables decide which entry points load:
 
-- ``VLM_SAFETY_PLUGINS``: comma-separated entry-point names; when set, only these load
-  (set it to an empty string to load none).
-- ``VLM_SAFETY_PLUGINS_BLOCK``: comma-separated entry-point names that never load.
+- ``VLM_SAFETY_PLUGINS``: comma-separated entries; when set, only these load (set it to
+  an empty string to load none).
+- ``VLM_SAFETY_PLUGINS_BLOCK``: comma-separated entries that never load.
+
+An entry is ``distribution:name`` (``vlm-safety-example:example``; distribution names
+compare normalized, so ``vlm_safety_example`` matches too) or a bare entry-point ``name``.
+A bare name matches that name in every distribution, so in the allowlist it works only
+while exactly one installed distribution declares it; in the blocklist it blocks them all.
+Any installed package can declare any name, so two entry points with one name from
+different distributions that would both load are a ``ConfigError`` naming both
+distributions, raised before either is imported: never a silent choice by path order.
 
 Discovered is not enabled: a defense runs only when a config names it.
 """
@@ -18,6 +26,7 @@ import functools
 import importlib
 import importlib.metadata
 import os
+import re
 import threading
 from dataclasses import dataclass
 
@@ -93,13 +102,36 @@ def load_plugins() -> None:
         for module in BUILTIN_PLUGINS:
             if pm.get_plugin(module) is None:
                 pm.register(importlib.import_module(module), name=module)
-        allow, block = _names_from_env(ALLOW_ENV), _names_from_env(BLOCK_ENV) or set()
-        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            if entry_point.name in block or (allow is not None and entry_point.name not in allow):
-                continue
+        for entry_point in _allowed_entry_points():
             if pm.get_plugin(entry_point.name) is None:
                 pm.register(entry_point.load(), name=entry_point.name)
         _plugins_loaded = True
+
+
+def _allowed_entry_points() -> list[importlib.metadata.EntryPoint]:
+    """The entry points the environment allows; a ConfigError, before any is imported, if two share a name."""
+    allow, block = _names_from_env(ALLOW_ENV), _names_from_env(BLOCK_ENV) or set()
+    chosen = [
+        entry_point
+        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+        if not _matches(entry_point, block) and (allow is None or _matches(entry_point, allow))
+    ]
+    names = [entry_point.name for entry_point in chosen]
+    clashes = sorted({name for name in names if names.count(name) > 1})
+    if clashes:
+        name = clashes[0]
+        distributions = sorted(_distribution(entry_point) for entry_point in chosen if entry_point.name == name)
+        raise ConfigError(
+            f"entry point {name!r} (group {ENTRY_POINT_GROUP}) is declared by several distributions: "
+            f"{', '.join(distributions)}; none was loaded. Choose one as `distribution:{name}` in "
+            f"{ALLOW_ENV}, or block the others as `distribution:{name}` in {BLOCK_ENV}"
+        )
+    return chosen
+
+
+def _matches(entry_point: importlib.metadata.EntryPoint, entries: set[str]) -> bool:
+    """Whether ``entries`` (from ``_names_from_env``) name the entry point, bare or as ``distribution:name``."""
+    return entry_point.name in entries or f"{_normalized(_distribution(entry_point))}:{entry_point.name}" in entries
 
 
 def registry() -> Registry:
@@ -171,8 +203,23 @@ def _packages_distributions() -> dict[str, list[str]]:
     return importlib.metadata.packages_distributions()
 
 
+def _distribution(entry_point: importlib.metadata.EntryPoint) -> str:
+    return entry_point.dist.name if entry_point.dist is not None else "(unknown distribution)"
+
+
+def _normalized(distribution: str) -> str:
+    """A distribution name as the packaging specs compare it (``Vlm_Safety.Example`` -> ``vlm-safety-example``)."""
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
 def _names_from_env(variable: str) -> set[str] | None:
     value = os.environ.get(variable)
     if value is None:
         return None
-    return {name.strip() for name in value.split(",") if name.strip()}
+    return {_entry(text) for text in value.split(",") if text.strip()}
+
+
+def _entry(text: str) -> str:
+    """An allow/block entry as ``_matches`` compares it: ``distribution:name`` normalized, or a bare name."""
+    distribution, colon, name = text.partition(":")
+    return f"{_normalized(distribution.strip())}:{name.strip()}" if colon else text.strip()

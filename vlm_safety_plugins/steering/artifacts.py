@@ -1,12 +1,16 @@
 """The calibration-artifact format shared by steering defenses: per-layer tensors in safetensors.
 
 An artifact holds per-layer tensors plus string metadata that says which model it was
-made for (name, type, a hash of the architecture config, hidden size, layer count) and
-how (anchors, and what its kind adds: corruption, rank, thresholds, an orientation check).
-Files are read with safetensors only, never unpickled. Everything is validated on load
-(format, kind, keys, shapes, finite values, and the kind's own checks) and again against
-the model before use (``check_model``): an artifact made for another model is an
-``ArtifactError`` naming the file and each mismatch, never a silent broadcast.
+made for (name, type, a hash of the architecture config, hidden size, layer count, a
+fingerprint of the weights: ``weights_fingerprint``) and how (anchors, and what its kind
+adds: corruption, rank, thresholds, an orientation check). Files are read with safetensors
+only, never unpickled. Everything is validated on load (format, kind, keys, shapes, finite
+values, and the kind's own checks) and again against the model before use
+(``check_model``): an artifact made for another model, or for other weights of the same
+architecture, is an ``ArtifactError`` naming the file and each mismatch, never a silent
+broadcast. ``allow_other_weights`` accepts other weights (a dtype change, a merged adapter)
+and artifacts from before fingerprints (no ``weights_fingerprint`` key), which are refused
+otherwise: their weights cannot be checked.
 
 A defense defines its kind by subclassing ``Artifact`` (the tensor key prefix, the extra
 metadata, validation); ``defenses/cmrm/artifact.py`` and ``defenses/vlm_guard/artifact.py``
@@ -29,7 +33,12 @@ import torch
 from ..core.errors import ArtifactError
 
 FORMAT = "vlm-safety-plugins"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # weights_fingerprint is an added key: older readers still read these files correctly
+FINGERPRINT_SAMPLES = 64  # values per parameter tensor
+ALLOW_OTHER_WEIGHTS_HINT = (
+    " (or, if these are the calibrated weights rounded to another dtype or with an adapter merged, set "
+    "`allow_other_weights: true` in the defense's options)"
+)
 # Config keys that describe how a model was saved or run, not what computes its hidden states.
 VOLATILE_CONFIG_KEYS = frozenset(
     {
@@ -73,6 +82,39 @@ def _architecture(value: Any) -> Any:
     return value
 
 
+def weights_fingerprint(adapter) -> str:
+    """A short sha256 of the base model's weights, cheap and deterministic, so an artifact is bound to them.
+
+    Hashed, for every parameter of ``adapter.base_model`` in registration order (embeddings,
+    vision tower, projector, each decoder layer's weights, biases and norms, head): its shape,
+    then ``FINGERPRINT_SAMPLES`` evenly spaced values of the flattened tensor (indices
+    ``0, s, 2s, ...`` with ``s = max(1, numel // FINGERPRINT_SAMPLES)``) as little-endian float32.
+    Enough because a full fine-tune, a merged LoRA update ``B·A`` or another checkpoint changes
+    the tensors it touches densely, so sampled values of every touched tensor change; one small
+    copy per tensor costs milliseconds on a 7B model. Float32 makes it independent of the
+    storage dtype where values are: a float16 or bfloat16 checkpoint upcast to float32 matches,
+    a lossy cast does not. A PEFT layer counts as the layer it wraps, so an unmerged adapter
+    leaves the fingerprint unchanged. An identity check against mistakes, not a defense against
+    weights crafted to match the samples.
+    """
+    digest = hashlib.sha256()
+    for parameter in _base_parameters(adapter.base_model):
+        flat = parameter.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)][:FINGERPRINT_SAMPLES]
+        digest.update(str(tuple(parameter.shape)).encode())
+        digest.update(sample.to("cpu", torch.float32).numpy().astype("<f4").tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _base_parameters(module: torch.nn.Module):
+    """``module``'s parameters in registration order, each PEFT tuner layer replaced by the layer it wraps."""
+    if hasattr(module, "get_base_layer"):  # peft's BaseTunerLayer (a LoRA, IA3, ... layer)
+        module = module.get_base_layer()
+    yield from module.parameters(recurse=False)
+    for child in module.children():
+        yield from _base_parameters(child)
+
+
 @dataclass(frozen=True)
 class ModelIdentity:
     """What an artifact must match: the model it was computed on."""
@@ -82,10 +124,12 @@ class ModelIdentity:
     config_hash: str
     hidden_size: int
     num_layers: int
+    weights_fingerprint: str | None = None  # None: not recorded (artifacts made before fingerprints)
 
     @classmethod
-    def of(cls, adapter, name: str | None = None) -> ModelIdentity:
-        """The identity of the model behind ``adapter`` (``name`` defaults to its ``name_or_path``)."""
+    def of(cls, adapter, name: str | None = None, *, weights: bool = True) -> ModelIdentity:
+        """The identity of the model behind ``adapter`` (``name`` defaults to its ``name_or_path``);
+        ``weights=False`` leaves out the weights fingerprint."""
         config = adapter.base_model.config
         return cls(
             name=name or getattr(config, "name_or_path", "") or type(adapter.base_model).__name__,
@@ -93,6 +137,7 @@ class ModelIdentity:
             config_hash=config_hash(config),
             hidden_size=adapter.hidden_size(),
             num_layers=len(adapter.decoder_layers()),
+            weights_fingerprint=weights_fingerprint(adapter) if weights else None,
         )
 
 
@@ -107,6 +152,7 @@ class Artifact:
     anchor_source: str
     path: str | None = None
     _placed: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, init=False, repr=False)
+    _checked: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
@@ -133,6 +179,7 @@ class Artifact:
             "config_hash": model.config_hash,
             "hidden_size": str(model.hidden_size),
             "num_layers": str(model.num_layers),
+            **({"weights_fingerprint": model.weights_fingerprint} if model.weights_fingerprint else {}),
             "layers": json.dumps(self.layers),
             "anchors": str(self.anchors),
             "anchor_source": self.anchor_source,
@@ -188,6 +235,7 @@ class Artifact:
             config_hash=reader.text("config_hash"),
             hidden_size=reader.integer("hidden_size"),
             num_layers=reader.integer("num_layers"),
+            weights_fingerprint=metadata.get("weights_fingerprint"),
         )
         layers = reader.json("layers", list)
         if not layers or not all(isinstance(layer, int) and 0 <= layer < model.num_layers for layer in layers):
@@ -216,38 +264,52 @@ class Artifact:
         artifact._validate(str(path))
         return artifact
 
-    def check_model(self, adapter) -> None:
-        """Raise ArtifactError (naming the file and every mismatch) unless made for this model."""
-        actual = ModelIdentity.of(adapter)
-        mine = self.model
+    def check_model(self, adapter, *, allow_other_weights: bool = False) -> None:
+        """Raise ArtifactError (naming the file and every mismatch) unless made for this model and its weights.
+
+        ``allow_other_weights`` skips the weights check (same architecture still required) and
+        accepts an artifact that records no fingerprint."""
+        check_weights = not allow_other_weights and self.model.weights_fingerprint is not None
+        actual, mine = ModelIdentity.of(adapter, weights=check_weights), self.model
+        source, recalibrate = self.path or "<unsaved artifact>", f"`vlm-safety calibrate {self.command}`"
+        checks = [
+            ("hidden size", actual.hidden_size, mine.hidden_size),
+            ("decoder layers", actual.num_layers, mine.num_layers),
+            ("config hash", actual.config_hash, mine.config_hash),
+        ]
+        if check_weights:
+            checks.append(("weights fingerprint", actual.weights_fingerprint, mine.weights_fingerprint))
         mismatches = [
-            f"{what} {theirs} here, {ours} in the artifact"
-            for what, theirs, ours in (
-                ("hidden size", actual.hidden_size, mine.hidden_size),
-                ("decoder layers", actual.num_layers, mine.num_layers),
-                ("config hash", actual.config_hash, mine.config_hash),
-            )
-            if theirs != ours
+            f"{what} {theirs} here, {ours} in the artifact" for what, theirs, ours in checks if theirs != ours
         ]
         if mismatches:
             raise ArtifactError(
                 f"made for another model ({mine.name}, {mine.model_type}); this model "
                 f"({actual.name}, {actual.model_type}) differs: {'; '.join(mismatches)}. "
-                "Calibrate one for this model with `vlm-safety calibrate`",
-                source=self.path or "<unsaved artifact>",
+                f"Calibrate one for this model with {recalibrate}"
+                + ("" if len(mismatches) > 1 or not check_weights else ALLOW_OTHER_WEIGHTS_HINT),
+                source=source,
+            )
+        if not allow_other_weights and mine.weights_fingerprint is None:
+            raise ArtifactError(
+                "records no weights fingerprint (made before artifacts recorded one), so the weights it was "
+                f"calibrated on cannot be checked; recalibrate with {recalibrate}" + ALLOW_OTHER_WEIGHTS_HINT,
+                source=source,
             )
 
-    def on_model(self, adapter, layers, *, rows: int | None = None) -> dict[int, torch.Tensor]:
+    def on_model(
+        self, adapter, layers, *, rows: int | None = None, allow_other_weights: bool = False
+    ) -> dict[int, torch.Tensor]:
         """``layers``' tensors (their first ``rows`` rows, for bases), checked against the model
         (``check_model``) and placed on each decoder layer's device in the model's dtype.
 
         Done once per model, layers and rows, so that hooks never convert per token."""
-        key = (tuple(layers), rows)
+        key, base = (tuple(layers), rows), adapter.base_model
         with self._lock:
-            placed = self._placed.get(adapter.base_model)
-            if placed is None:
-                self.check_model(adapter)
-                placed = self._placed[adapter.base_model] = {}
+            if self._checked.get(base) not in (False, allow_other_weights):  # False: passed the full check
+                self.check_model(adapter, allow_other_weights=allow_other_weights)
+                self._checked[base] = allow_other_weights
+            placed = self._placed.setdefault(base, {})
             if key not in placed:
                 decoder, dtype, tensors = adapter.decoder_layers(), adapter.base_model.dtype, self._tensors_by_layer()
                 placed[key] = {

@@ -65,6 +65,12 @@ class CmrmOptions:
         doc="The corrupted image: `blank` (grey) or `noise`. Sample level: default `blank`; dataset level: "
         "fixed by the artifact, an explicit value must match it.",
     )
+    allow_other_weights: bool = option(
+        False,
+        doc="Accept an artifact calibrated on other weights of the same architecture (the calibrated weights "
+        "rounded to another dtype, or with an adapter merged), or one that records no weights fingerprint. Off: such "
+        "an artifact is refused before any generation.",
+    )
 
     def __post_init__(self):
         if self.level == "dataset" and self.vectors is None:
@@ -125,7 +131,7 @@ class Cmrm(Defense):
         if not applied or not any(image_rows):
             return []
         if self.artifact is not None:
-            vectors = self.artifact.on_model(call.adapter, layers)
+            vectors = self.artifact.on_model(call.adapter, layers, allow_other_weights=self.options.allow_other_weights)
         else:
             vectors = self._sample_vectors(call, image_rows, layers)
         return [

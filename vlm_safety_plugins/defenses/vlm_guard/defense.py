@@ -74,6 +74,12 @@ class VlmGuardOptions:
         doc="Also steer rows without an image. Off by default: text-only rows are where the backbone's own "
         "alignment holds, and projecting the safety subspace out of them removes the refusal direction.",
     )
+    allow_other_weights: bool = option(
+        False,
+        doc="Accept an artifact calibrated on other weights of the same architecture (the calibrated weights "
+        "rounded to another dtype, or with an adapter merged), or one that records no weights fingerprint. Off: such "
+        "an artifact is refused before any generation.",
+    )
 
 
 class VlmGuard(Defense):
@@ -114,7 +120,8 @@ class VlmGuard(Defense):
 
     def interventions(self, call):
         options = self.options
-        bases = self.artifact.on_model(call.adapter, self.layers, rows=self.rank)
+        allow = options.allow_other_weights
+        bases = self.artifact.on_model(call.adapter, self.layers, rows=self.rank, allow_other_weights=allow)
         steered = [True] * call.batch_size if options.text_only else call.image_rows
         for record in self.records(call, ran=steered):
             record.details.update(mode=options.mode, layers=self.layers, rank=self.rank, alpha=options.alpha)
@@ -129,7 +136,8 @@ class VlmGuard(Defense):
         if options.mode in ("project_out", "both"):
             interventions.append(ProjectOut(bases, **where))
         if self.amplify:
-            direction = self.artifact.on_model(call.adapter, [self.gate_layer], rows=1)[self.gate_layer][0]
+            placed = self.artifact.on_model(call.adapter, [self.gate_layer], rows=1, allow_other_weights=allow)
+            direction = placed[self.gate_layer][0]
             gate = Gate(self.gate_layer, lambda state: self._decide(call, steered, direction, state))
             interventions.append(AddPromptProjection(bases, alpha=options.alpha, gate=gate, **where))
         return interventions
