@@ -230,3 +230,47 @@ def test_dtype_is_the_callers_else_the_configs(checkpoint, scorer, offline):
     torch.testing.assert_close(
         half.score([POST_EVAL_INSTRUCTION], ["No"]), scorer.score([POST_EVAL_INSTRUCTION], ["No"]), atol=0.5, rtol=0.1
     )
+
+
+def test_eta_loads_its_reward_model_in_the_dtype_its_options_name():
+    import vlm_safety_plugins as vsp
+    from vlm_safety_plugins.core import plugins
+    from vlm_safety_plugins.testing import tiny_image, tiny_vlm
+
+    loaded = []
+
+    class RecordingReward(RewardScorer):
+        name = "recording_reward"
+
+        @classmethod
+        def load(cls, path, **settings):
+            scorer = super().load(path, **settings)
+            loaded.append((settings.get("dtype"), next(scorer.model.parameters()).dtype))
+            return scorer
+
+    class Plugin:
+        @vsp.hookimpl
+        def register_evaluators(self, register):
+            register(RecordingReward)
+
+    plugin = Plugin()
+    plugins.pm.register(plugin)
+    model, processor = tiny_vlm("llava")
+    try:
+        vsp.attach(model, processor)
+        image = tiny_image()
+        inputs = vsp.get_attachment(model).adapter.build_inputs([("What is in the picture?", image)])
+        for dtype in ("bfloat16", "auto"):
+            options = {"path": "tiny-reward-model", "evaluator": "recording_reward", "dtype": dtype}
+            eta = {
+                "pre_threshold": -1.0,
+                "post_threshold": -1e3,
+                "clip": {"model": "tiny-clip"},
+                "reward_model": options,
+            }
+            config = vsp.load_config({"defenses": {"eta": eta}})
+            model.generate(**inputs, images=[image], generation_config=config.to_generation_config(max_new_tokens=2))
+    finally:
+        vsp.detach(model)
+        plugins.pm.unregister(plugin)
+    assert loaded == [(torch.bfloat16, torch.bfloat16), (None, torch.float32)]

@@ -53,7 +53,8 @@ class ResponseRewardScorer(Protocol):
 
     @classmethod
     def load(cls, path: str, *, trust_remote_code: bool, max_length: int, device: str | None) -> ResponseRewardScorer:
-        """Load the scorer (a checkpoint name or path, or an offline model name)."""
+        """Load the scorer (a checkpoint name or path, or an offline model name); defenses may also
+        pass ``dtype`` (a torch dtype) when their options name one."""
 
     def score(self, instructions: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         """(n,) float scores, higher is safer."""

@@ -81,7 +81,8 @@ class RewardScorer(Evaluator):
 
         if path in offline.REWARD_MODELS:
             model, tokenizer = offline.REWARD_MODELS[path]()
-            return cls(model.to(device) if device else model, tokenizer, max_length=max_length, batch_size=batch_size)
+            model = model.to(device=device, dtype=dtype)  # None keeps each as built
+            return cls(model, tokenizer, max_length=max_length, batch_size=batch_size)
         with loading(f"reward model {path!r} (a hub id or local directory)"):
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
             from transformers.utils import cached_file

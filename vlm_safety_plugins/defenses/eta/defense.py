@@ -52,6 +52,11 @@ class RewardModelOptions:
         "(`attach(..., trust_remote_code=True)`, `--trust-remote-code`); otherwise a row that needs it is refused.",
     )
     max_length: int = option(4096, doc="Reward-model input is truncated to this many tokens.", min=8, max=2**20)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto",
+        doc="Weights dtype of the reward model: `auto` keeps the checkpoint's (ArmoRM's config says float32, "
+        "about 32 GB; its model card loads it in bfloat16).",
+    )
     device: str | None = option(None, doc="Device for the reward model; default: the VLM's device.")
 
 
@@ -299,10 +304,15 @@ class Eta(Defense):
         device = options.device or str(call.model.device)
         cls = _evaluator(options.evaluator, "reward", "reward_model.evaluator")
         call.resources.check_remote_code(options.trust_remote_code, "eta.reward_model.trust_remote_code")
+        dtype = {} if options.dtype == "auto" else {"dtype": getattr(torch, options.dtype)}
         return call.resources.get(
-            (cls, options.path, options.trust_remote_code, options.max_length, device),
+            (cls, options.path, options.trust_remote_code, options.max_length, options.dtype, device),
             lambda: cls.load(
-                options.path, trust_remote_code=options.trust_remote_code, max_length=options.max_length, device=device
+                options.path,
+                trust_remote_code=options.trust_remote_code,
+                max_length=options.max_length,
+                device=device,
+                **dtype,
             ),
         )
 
