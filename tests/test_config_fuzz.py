@@ -102,7 +102,9 @@ def test_every_shipped_config_loads(path):
     assert_valid(vsp.load_config(path))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True, database=None
+)
 @given(case=mutated())
 def test_a_mutated_config_is_valid_or_one_clear_error(tmp_path_factory, case):
     name, text, must_fail = case

@@ -24,7 +24,7 @@ import yaml
 
 from . import plugins
 from .errors import ConfigError
-from .options import options_to_dict, parse_options, require_string_keys
+from .options import QUOTE_LIMIT, options_to_dict, parse_options, quote, require_string_keys
 
 GENERATION_CONFIG_KEY = "vlm_safety"
 ON_ERROR_CHOICES = ("refuse", "raise")
@@ -57,9 +57,9 @@ class SafetyConfig:
         unknown = sorted(set(data) - set(TOP_LEVEL_KEYS))
         if unknown:
             raise ConfigError(
-                f"unknown key {unknown[0]!r}; expected one of: {', '.join(TOP_LEVEL_KEYS)}",
+                f"unknown key {quote(unknown[0])}; expected one of: {', '.join(TOP_LEVEL_KEYS)}",
                 source=source,
-                path=unknown[0],
+                path=unknown[0][:QUOTE_LIMIT],
             )
         defenses_data = data.get("defenses")
         defenses_data = {} if defenses_data is None else defenses_data
@@ -77,13 +77,13 @@ class SafetyConfig:
         on_error = data.get("on_error", "refuse")
         if on_error not in ON_ERROR_CHOICES:
             raise ConfigError(
-                f"expected one of {', '.join(map(repr, ON_ERROR_CHOICES))}, got {on_error!r}",
+                f"expected one of {', '.join(map(repr, ON_ERROR_CHOICES))}, got {quote(on_error)}",
                 source=source,
                 path="on_error",
             )
         refusal = data.get("refusal", DEFAULT_REFUSAL)
         if not isinstance(refusal, str) or not refusal.strip():
-            raise ConfigError(f"expected a non-empty string, got {refusal!r}", source=source, path="refusal")
+            raise ConfigError(f"expected a non-empty string, got {quote(refusal)}", source=source, path="refusal")
         return cls(defenses=defenses, on_error=on_error, refusal=refusal, source=source)
 
     def to_dict(self) -> dict:
@@ -122,6 +122,12 @@ def load_config(source: str | os.PathLike | Mapping | SafetyConfig) -> SafetyCon
         return source
     if isinstance(source, Mapping):
         return SafetyConfig.from_dict(source, source="<dict>")
+    return SafetyConfig.from_dict(read_yaml_file(source), source=str(source))
+
+
+def read_yaml_file(source: str | os.PathLike) -> Any:
+    """The YAML document of a config file as plain data, with the limits of ``parse_yaml``;
+    a missing, huge, unreadable or non-UTF-8 file is a ConfigError naming it."""
     path = Path(source)
     try:
         size = path.stat().st_size
@@ -134,7 +140,7 @@ def load_config(source: str | os.PathLike | Mapping | SafetyConfig) -> SafetyCon
         raise ConfigError(f"not UTF-8 text (byte {error.start})", source=str(path)) from None
     except OSError as error:
         raise ConfigError(f"cannot read config file: {error.strerror}", source=str(path)) from None
-    return SafetyConfig.from_dict(parse_yaml(text, source=str(path)), source=str(path))
+    return parse_yaml(text, source=str(path))
 
 
 def parse_yaml(text: str, *, source: str) -> Any:
@@ -180,7 +186,7 @@ class _StrictLoader(yaml.SafeLoader):
                 continue
             if duplicate:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first given on line {seen[key] + 1})", key_node.start_mark
+                    None, None, f"duplicate key {quote(key)} (first given on line {seen[key] + 1})", key_node.start_mark
                 )
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)

@@ -63,7 +63,9 @@ def parse_options(cls: type, data: Any, *, path: str, source: str | None) -> Any
     if unknown:
         expected = ", ".join(fields) or "no options"
         raise ConfigError(
-            f"unknown key {unknown[0]!r}; expected one of: {expected}", source=source, path=_join(path, unknown[0])
+            f"unknown key {quote(unknown[0])}; expected one of: {expected}",
+            source=source,
+            path=_join(path, unknown[0][:QUOTE_LIMIT]),
         )
     hints = typing.get_type_hints(cls)
     values = {}
@@ -151,7 +153,7 @@ def _coerce(tp: Any, value: Any, *, path: str, source: str | None) -> Any:
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
-            raise ConfigError(f"expected one of {choices}, got {_quote(value)}", source=source, path=path)
+            raise ConfigError(f"expected one of {choices}, got {quote(value)}", source=source, path=path)
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -170,7 +172,7 @@ def _coerce(tp: Any, value: Any, *, path: str, source: str | None) -> Any:
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         if abs(value) > INT_LIMIT:
             raise ConfigError(
-                f"{_quote(value)} is too large; integer options lie within ±{INT_LIMIT}", source=source, path=path
+                f"{quote(value)} is too large; integer options lie within ±{INT_LIMIT}", source=source, path=path
             )
         return value
     if tp in (str, bool) and isinstance(value, tp):
@@ -184,7 +186,7 @@ def _finite(number: float, value: Any, path: str, source: str | None) -> float:
     """``number``, unless it is NaN or infinite: no option means anything there, and every
     comparison with NaN is false, so a NaN threshold would pass every check it guards."""
     if not math.isfinite(number):
-        raise ConfigError(f"expected a finite number, got {_quote(value)}", source=source, path=path)
+        raise ConfigError(f"expected a finite number, got {quote(value)}", source=source, path=path)
     return number
 
 
@@ -206,7 +208,7 @@ def _check_range(meta: typing.Mapping, value: Any, *, path: str, source: str | N
         or (high is not None and value > high)
         or (above is not None and value <= above)
     ):
-        raise ConfigError(f"{_quote(value)} is out of range; expected {_range_text(meta)}", source=source, path=path)
+        raise ConfigError(f"{quote(value)} is out of range; expected {_range_text(meta)}", source=source, path=path)
 
 
 def _range_text(meta: typing.Mapping) -> str:
@@ -225,10 +227,10 @@ def _type_error(tp: Any, value: Any, path: str, source: str | None) -> ConfigErr
 
 
 def _describe(value: Any) -> str:
-    return "null" if value is None else f"{type(value).__name__} {_quote(value)}"
+    return "null" if value is None else f"{type(value).__name__} {quote(value)}"
 
 
-def _quote(value: Any) -> str:
+def quote(value: Any) -> str:
     """``repr(value)``, cut to QUOTE_LIMIT characters: an error names the value, it does not echo a huge one."""
     try:
         text = repr(value)

@@ -34,6 +34,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import ConfigError
+from .options import QUOTE_LIMIT, quote
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 ALLOW_ENV = "VLM_SAFETY_PLUGINS"
@@ -158,7 +159,9 @@ def get_defense(name: str, *, source: str | None = None) -> type:
     if name not in defenses:
         known = ", ".join(sorted(defenses)) or "none"
         raise ConfigError(
-            f"unknown defense {name!r}; registered defenses: {known}", source=source, path=f"defenses.{name}"
+            f"unknown defense {quote(name)}; registered defenses: {known}",
+            source=source,
+            path=f"defenses.{name[:QUOTE_LIMIT]}",
         )
     return defenses[name].cls
 

@@ -36,6 +36,8 @@ class SafetyReport:
     refused: bool = False
     streamed_tokens: int = 0
     """Tokens of the answer that had reached the caller's streamer before it was refused."""
+    origins: dict[str, str] = field(default_factory=dict)
+    """Under an operator policy: each defense's origin, ``operator`` or ``request``."""
 
     @property
     def decision(self) -> str:

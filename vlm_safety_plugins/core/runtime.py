@@ -31,6 +31,7 @@ from .adapters import find_adapter
 from .config import GENERATION_CONFIG_KEY, SafetyConfig
 from .defense import Defense, Resources
 from .errors import DefenseError
+from .policy import Policy, load_policy
 from .report import DefenseRecord, SafetyReport
 
 ATTACHMENT_ATTRIBUTE = "_vlm_safety_attachment"
@@ -47,8 +48,13 @@ INSERTED_VALUES = {
 }
 
 
-def attach(model, processor, *, adapter=None, trust_remote_code: bool = False):
+def attach(model, processor, *, adapter=None, trust_remote_code: bool = False, policy=None):
     """Make ``model.generate`` apply the defenses its generation config names; idempotent.
+
+    ``policy`` (a Policy, a YAML path or a mapping: core/policy.py) is the operator's floor:
+    every call runs its defenses, and a request's own flags only do what its
+    ``client_flags`` allows. Without one, the call's flags decide (and the model's
+    generation_config.json flags are the default for calls that pass none).
 
     ``adapter`` overrides the model adapter chosen by ``model.config.model_type``.
     ``trust_remote_code`` is the operator's permission for defenses to load checkpoints
@@ -60,8 +66,11 @@ def attach(model, processor, *, adapter=None, trust_remote_code: bool = False):
     if attachment is not None:
         if trust_remote_code and not attachment.resources.trust_remote_code:
             raise ValueError("this model is already attached without trust_remote_code; detach it first")
+        if policy is not None and load_policy(policy) != attachment.policy:
+            raise ValueError("this model is already attached under another policy; detach it first")
         return model
     attachment = Attachment(model, processor, adapter or find_adapter(model, processor), trust_remote_code)
+    attachment.policy = load_policy(policy) if policy is not None else None
     model.__dict__[ATTACHMENT_ATTRIBUTE] = attachment
     model.__dict__["generate"] = attachment.generate
     return model
@@ -94,6 +103,7 @@ class Attachment:
         self.replaced = model.__dict__.get("generate")
         self.hooks = InterventionHooks(adapter.decoder_layers(), adapter.hidden_size())
         self.resources = Resources(trust_remote_code=trust_remote_code)
+        self.policy: Policy | None = None
         self._configs: dict[str, SafetyConfig] = {}
         self._defenses: dict[tuple[str, str], Defense] = {}
         self._lock = threading.Lock()
@@ -108,16 +118,21 @@ class Attachment:
             return type(self.model).generate(self.model, *args, **kwargs)
         flags = kwargs.pop(GENERATION_CONFIG_KEY, None)
         if flags is None:
-            generation_config = kwargs.get("generation_config") or self.model.generation_config
-            flags = getattr(generation_config, GENERATION_CONFIG_KEY, None)
-        if flags is None:
+            # Under a policy only the call's own config speaks for the request; the model's is the operator's.
+            fallback = self.model.generation_config if self.policy is None else None
+            flags = getattr(kwargs.get("generation_config") or fallback, GENERATION_CONFIG_KEY, None)
+        origins = None
+        if self.policy is not None:
+            config, origins = self.policy.resolve(self.config_for(flags) if flags is not None else None)
+        elif flags is None:
             return self.original_generate(*args, **kwargs)
-        config = self.config_for(flags)
+        else:
+            config = self.config_for(flags)
         if not config.enabled:
             return self.original_generate(*args, **kwargs)
         if args:
             kwargs.update(zip(("input_ids", "generation_config"), args))
-        return GenerationCall(self, config, kwargs, images).run()
+        return GenerationCall(self, config, kwargs, images, origins).run()
 
     def config_for(self, flags: Any) -> SafetyConfig:
         """The validated SafetyConfig of a ``vlm_safety`` value, parsed once per distinct value."""
@@ -161,7 +176,9 @@ class GenerationCall:
     ``run`` and the underscored members are the runtime's own.
     """
 
-    def __init__(self, attachment: Attachment, config: SafetyConfig, kwargs: dict, images: Any):
+    def __init__(
+        self, attachment: Attachment, config: SafetyConfig, kwargs: dict, images: Any, origins: dict | None = None
+    ):
         self._attachment = attachment
         self.model, self.processor, self.adapter = attachment.model, attachment.processor, attachment.adapter
         self.resources = attachment.resources
@@ -174,7 +191,7 @@ class GenerationCall:
         self.batch_size = self.prompt_ids.shape[0]
         self._images = _normalise_images(images, self.batch_size)
         self.defenses = attachment.defenses_for(config)
-        self.reports = [SafetyReport(row=row) for row in range(self.batch_size)]
+        self.reports = [SafetyReport(row=row, origins=dict(origins or {})) for row in range(self.batch_size)]
         self._interventions: list | None = None
         self._prompt_pass = None  # the interventions' state after the last generate over the whole prompt
         holders = {defense.name for defense in self._defenses_doing("around_generate")}
