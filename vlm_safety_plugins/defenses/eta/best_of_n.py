@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicLayer
 
+from ...core.runtime import token_id_list
 from .processors import SentenceBoundaryCriteria
 
 # Per-position model inputs that grow with the sequence, and the value of a generated token.
@@ -155,7 +156,7 @@ def sentence_best_of_n(
     when the winner ends with EOS or ``max_new_tokens`` tokens were accepted; each
     accepted sentence goes to ``streamer`` as soon as it wins.
     """
-    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    eos = set(token_id_list(eos_token_id))
     context = {name: value for name, value in context.items() if name == "input_ids" or name in GROWING_INPUTS}
     result = SearchResult()
     while len(result.token_ids) < max_new_tokens:

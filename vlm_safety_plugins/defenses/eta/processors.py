@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
+from ...core.runtime import token_id_list
+
 __all__ = ["BOUNDARIES", "InterferencePrefixProcessor", "SentenceBoundaryCriteria"]
 
 BOUNDARIES = ("text", "reference")
@@ -187,7 +189,7 @@ class SentenceBoundaryCriteria(StoppingCriteria):
         self.tokenizer = tokenizer
         self.start = GenerationStart(prompt_length, seen_after=1)
         self.max_sentence_tokens = max_sentence_tokens
-        self.eos_token_ids = frozenset([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or ())
+        self.eos_token_ids = frozenset(token_id_list(eos_token_id))
         self.boundary = boundary
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None, **kwargs) -> torch.BoolTensor:
