@@ -52,14 +52,24 @@ def red_image():
 
 @pytest.fixture
 def register():
-    """Register in-process plugins for one test: ``register(defense_cls, ...)``."""
+    """Register in-process plugins for one test: ``register(defense_cls, ..., evaluators=(...), judges=(...))``."""
     registered = []
 
-    def _register(*defense_classes, report_sink=None):
+    def _register(*defense_classes, report_sink=None, evaluators=(), judges=()):
         class TestPlugin:
             @vsp.hookimpl
             def register_defenses(self, register):
                 for cls in defense_classes:
+                    register(cls)
+
+            @vsp.hookimpl
+            def register_evaluators(self, register):
+                for cls in evaluators:
+                    register(cls)
+
+            @vsp.hookimpl
+            def register_judges(self, register):
+                for cls in judges:
                     register(cls)
 
         plugin = TestPlugin()

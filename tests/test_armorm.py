@@ -232,9 +232,8 @@ def test_dtype_is_the_callers_else_the_configs(checkpoint, scorer, offline):
     )
 
 
-def test_eta_loads_its_reward_model_in_the_dtype_its_options_name():
+def test_eta_loads_its_reward_model_in_the_dtype_its_options_name(register):
     import vlm_safety_plugins as vsp
-    from vlm_safety_plugins.core import plugins
     from vlm_safety_plugins.testing import tiny_image, tiny_vlm
 
     loaded = []
@@ -248,13 +247,7 @@ def test_eta_loads_its_reward_model_in_the_dtype_its_options_name():
             loaded.append((settings.get("dtype"), next(scorer.model.parameters()).dtype))
             return scorer
 
-    class Plugin:
-        @vsp.hookimpl
-        def register_evaluators(self, register):
-            register(RecordingReward)
-
-    plugin = Plugin()
-    plugins.pm.register(plugin)
+    register(evaluators=[RecordingReward])
     model, processor = tiny_vlm("llava")
     try:
         vsp.attach(model, processor)
@@ -272,5 +265,4 @@ def test_eta_loads_its_reward_model_in_the_dtype_its_options_name():
             model.generate(**inputs, images=[image], generation_config=config.to_generation_config(max_new_tokens=2))
     finally:
         vsp.detach(model)
-        plugins.pm.unregister(plugin)
     assert loaded == [(torch.bfloat16, torch.bfloat16), (None, torch.float32)]

@@ -401,16 +401,8 @@ class KeywordJudge(Judge):
 
 
 @pytest.fixture
-def keyword_judge_plugin():
-    class Plugin:
-        @vsp.hookimpl
-        def register_judges(self, register):
-            register(KeywordJudge)
-
-    plugin = Plugin()
-    plugins.pm.register(plugin)
-    yield
-    plugins.pm.unregister(plugin)
+def keyword_judge_plugin(register):
+    register(judges=[KeywordJudge])
 
 
 def test_judge_registered_through_the_hook_is_usable_by_name(keyword_judge_plugin, llava, tmp_path):
