@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import GenerationConfig, LogitsProcessor
+from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria, StoppingCriteriaList
 
 import vlm_safety_plugins as vsp
 from vlm_safety_plugins.cli import cli
@@ -222,6 +222,55 @@ def test_a_failure_mid_decoding_ends_the_stream_with_the_refusal_and_counts_what
     assert report.streamed_tokens == 3 and sum(map(len, streamer.chunks[1:4])) == 3
     refusal = new_tokens(out.sequences, inputs)[0].tolist()
     assert streamer.chunks[-1] == refusal and streamer.ended
+
+
+class HangsUp(CollectingStreamer):
+    """A server's streamer whose client left: it raises on the third put, as transformers serve's does."""
+
+    class ClientGone(Exception):
+        pass
+
+    def put(self, value):
+        if len(self.chunks) == 2:
+            raise self.ClientGone
+        super().put(value)
+
+
+class CancelAtStep(StoppingCriteria):
+    def __init__(self, step):
+        self.step, self.calls = step, 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.calls += 1
+        if self.calls > self.step:
+            raise vsp.core.errors.GenerationCancelled
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+ETA_ALIGNS = {  # every row judged unsafe and aligned, the aligned answer streamed
+    "clip": {"model": "tiny-clip"},
+    "reward_model": {"path": "tiny-reward-model"},
+    "pre_threshold": -1.0,
+    "post_threshold": 1e9,
+    "alignment": "shallow_only",
+}
+
+
+@pytest.mark.parametrize(
+    "flags", [{"defenses": {"adashield": {}}}, {"defenses": {"eta": ETA_ALIGNS}}], ids=["adashield", "eta"]
+)
+def test_a_cancelled_stream_aborts_the_call_and_is_never_read_as_a_refusal(llava, red_image, register, flags):
+    model, processor = llava
+    reports = []
+    register(report_sink=reports)
+    vsp.attach(model, processor)
+    inputs = batch(model, processor, [("What is in the picture?", red_image)])
+    config = generation(model, flags, max_new_tokens=8)
+    with pytest.raises(HangsUp.ClientGone):  # the caller's own exception, unchanged
+        model.generate(**inputs, generation_config=config, streamer=HangsUp())
+    with pytest.raises(vsp.core.errors.GenerationCancelled):
+        model.generate(**inputs, generation_config=config, stopping_criteria=StoppingCriteriaList([CancelAtStep(2)]))
+    assert reports == []  # no report: nothing was answered, nothing refused
 
 
 class CountSteps(LogitsProcessor):

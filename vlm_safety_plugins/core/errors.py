@@ -28,6 +28,11 @@ class AdapterError(VLMSafetyError, RuntimeError):
     """The model or processor does not look like what the model adapter expects."""
 
 
+class GenerationCancelled(Exception):
+    """Raised by the caller's own code (a stopping criterion, a streamer) to abort a defended
+    generate: it propagates as is, never read as a defense failure nor answered with a refusal."""
+
+
 class ModelLoadError(VLMSafetyError, OSError):
     """A model, processor or tokenizer could not be loaded (bad name, missing path, offline)."""
 

@@ -19,6 +19,9 @@ class DefenseRecord:
     scores: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     time_s: float = 0.0
+    replaced_answer: bool = False
+    """The defense answered in the model's place (ETA's aligned answer): servers end such an
+    answer with ``finish_reason: "content_filter"``."""
 
 
 @dataclass
@@ -38,6 +41,13 @@ class SafetyReport:
     """Tokens of the answer that had reached the caller's streamer before it was refused."""
     origins: dict[str, str] = field(default_factory=dict)
     """Under an operator policy: each defense's origin, ``operator`` or ``request``."""
+    refused_by: str | None = None
+    """The defense (or ``+``-joined defenses) whose failure or veto put the refusal in place."""
+
+    @property
+    def replaced(self) -> bool:
+        """The answer is not the model's own: refused, or a defense answered in its place."""
+        return self.refused or any(record.replaced_answer for record in self.defenses.values())
 
     @property
     def decision(self) -> str:
@@ -50,5 +60,5 @@ class SafetyReport:
     def to_dict(self) -> dict:
         """JSON-ready form (for logs, the CLI's ``--json`` and the ``safety_report`` hook)."""
         data = dataclasses.asdict(self)
-        data["decision"] = self.decision
+        data["decision"], data["replaced"] = self.decision, self.replaced
         return data

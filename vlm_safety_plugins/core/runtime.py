@@ -30,7 +30,7 @@ from . import plugins
 from .adapters import find_adapter
 from .config import GENERATION_CONFIG_KEY, SafetyConfig
 from .defense import Defense, Resources
-from .errors import DefenseError
+from .errors import DefenseError, GenerationCancelled
 from .policy import Policy, load_policy
 from .report import DefenseRecord, SafetyReport
 
@@ -167,6 +167,18 @@ class _DefenseFailed(Exception):
     def __init__(self, defense: str, error: BaseException):
         super().__init__(defense, error)
         self.defense, self.error = defense, error
+
+
+class _CallerAbort(Exception):
+    """Carries an exception the caller's streamer raised (how servers cancel a stream) out of the chain."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(error)
+        self.error = error
+
+
+_PASS_THROUGH = (_DefenseFailed, _CallerAbort, GenerationCancelled)
+"""What the chain lets through unchanged: not a failure of the defenses, so never a refusal."""
 
 
 class GenerationCall:
@@ -330,22 +342,33 @@ class GenerationCall:
         wants_dict = _wants_dict_output(self.kwargs, self.generation_config)
         running = _RUNNING.set(_RUNNING.get() | {id(self._attachment)})
         try:
-            for defense in self._defenses_doing("transform_inputs"):
-                self._step(defense, defense.transform_inputs, self)
-            output = self._around(self._defenses_doing("around_generate"), {})
-            output = self._restore_prompt(output)
-            if self.streamer is not None:
-                self.streamer.release_all()
-        except _DefenseFailed as failure:
-            if self.config.on_error == "raise":
-                raise failure.error from None
-            output = self._refuse(f"{failure.defense}: {type(failure.error).__name__}: {failure.error}")
+            output = self._defended()
+        except _CallerAbort as abort:  # the caller's streamer raised: its own exception, unchanged
+            raise abort.error from None
         finally:
             _RUNNING.reset(running)
         output.safety = self.reports
         for report in self.reports:
             plugins.pm.hook.safety_report(report=report)
         return output if wants_dict else output.sequences
+
+    def _defended(self):
+        """The defenses and the generate, failing closed: a defense's failure answers with the refusal."""
+        try:
+            for defense in self._defenses_doing("transform_inputs"):
+                self._step(defense, defense.transform_inputs, self)
+            output = self._around(self._defenses_doing("around_generate"), {})
+            output = self._restore_prompt(output)
+            if self.streamer is not None:
+                self.streamer.release_all()
+            return output
+        except _DefenseFailed as failure:
+            if self.config.on_error == "raise":
+                raise failure.error from None
+            output = self._refuse(f"{failure.defense}: {type(failure.error).__name__}: {failure.error}")
+            for report in self.reports:
+                report.refused_by = failure.defense
+            return output
 
     def _around(self, chain: list[Defense], overrides: dict):
         if not chain:
@@ -361,7 +384,7 @@ class GenerationCall:
         raised mid-decoding) is theirs, and fails closed like one of their methods."""
         try:
             return self.generate(**overrides)
-        except _DefenseFailed:
+        except _PASS_THROUGH:
             raise
         except Exception as error:  # noqa: BLE001 - any failure under the defenses fails closed
             acting = [defense.name for defense in self.defenses if set(type(defense).kinds()) & set(INNER_KINDS)]
@@ -372,7 +395,7 @@ class GenerationCall:
         started = time.perf_counter()
         try:
             return method(*args)
-        except _DefenseFailed:
+        except _PASS_THROUGH:
             raise
         except Exception as error:  # noqa: BLE001 - any failure of a defense fails closed
             raise _DefenseFailed(defense.name, error) from error
@@ -423,7 +446,8 @@ class _GatedStreamer:
     what was generated; puts before that are held, in order, and sent on release.
 
     A refusal drops what is held and sends the refusal instead; if tokens had already gone
-    out, the refusal ends the stream after them and ``sent_tokens`` says how many.
+    out, the refusal ends the stream after them and ``sent_tokens`` says how many. What the
+    caller's streamer raises (a server cancelling the stream) aborts the call with that exception.
     """
 
     def __init__(self, streamer, holders: set[str]):
@@ -460,14 +484,14 @@ class _GatedStreamer:
             self._send(prompt)
         self._send(answer, counted=False)
         self.ended = True
-        self.streamer.end()
+        self._forward(self.streamer.end)
 
     def _flush(self) -> None:
         while self.held and not self.holders and not self.ended:
             value = self.held.popleft()
             if value is _END:
                 self.ended = True
-                self.streamer.end()
+                self._forward(self.streamer.end)
             else:
                 self._send(value)
 
@@ -475,7 +499,14 @@ class _GatedStreamer:
         if counted and self.sent_puts:  # the first put is the prompt
             self.sent_tokens += int(torch.as_tensor(value).numel())
         self.sent_puts += 1
-        self.streamer.put(value)
+        self._forward(self.streamer.put, value)
+
+    @staticmethod
+    def _forward(method, *args) -> None:
+        try:
+            method(*args)
+        except Exception as error:  # noqa: BLE001 - the caller's own exception, handed back to the caller
+            raise _CallerAbort(error) from error
 
 
 _END = object()

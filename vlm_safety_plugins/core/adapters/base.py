@@ -28,6 +28,9 @@ class ModelAdapter:
 
     name: ClassVar[str] = "generic"
     model_types: ClassVar[tuple[str, ...]] = ()
+    thread_safe: ClassVar[bool] = False
+    """Whether concurrent generate calls on one model are proven safe for this family (the
+    conformance suite's concurrency check); servers serialise calls on models that are not."""
 
     def __init__(self, model, processor):
         self.model, self.processor = model, processor
@@ -91,14 +94,37 @@ class ModelAdapter:
         if image_mode not in IMAGE_MODES:
             raise ValueError(f"image_mode must be one of {', '.join(IMAGE_MODES)}; got {image_mode!r}")
         generator = np.random.default_rng(seed)
-        texts, images = [], []
-        for row, (text, image) in enumerate(requests):
-            self.check_user_text(text, row)
+        conversations = []
+        for text, image in requests:
             keep = image is not None and image_mode != "none"
             if keep and image_mode != "real":
                 image = self.corrupted_image(image_mode, generator, size=self.corruption_size(image))
-            images.append([image.convert("RGB")] if keep else [])
-            texts.append(self.prompt(text, keep))
+            messages = self.messages(text, keep)
+            if keep:
+                next(part for part in messages[-1]["content"] if part["type"] == "image")["image"] = image
+            conversations.append(messages)
+        return self.conversation_inputs(conversations)
+
+    def conversation_inputs(self, conversations: Sequence[list[dict]]):
+        """Model inputs for a batch of whole conversations, left-padded, ready for the assistant's turn.
+
+        Each conversation is a list of chat messages (``role``, ``content``: a string or a list of
+        ``{"type": "text", "text": ...}`` and ``{"type": "image", "image": PIL image}`` parts), as
+        servers receive them: system prompts and earlier turns included. Every text is checked
+        for special tokens, whoever's turn it is (a forged turn marker in any of them is structure).
+        """
+        texts, images = [], []
+        for row, messages in enumerate(conversations):
+            row_images = []
+            for message in messages:
+                content = message["content"]
+                for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+                    if part["type"] == "text":
+                        self.check_user_text(part["text"], row)
+                    elif part["type"] == "image":
+                        row_images.append(part["image"].convert("RGB"))
+            images.append(row_images)
+            texts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
         try:
             return self.process(texts, images)
         except (ValueError, TypeError) as error:  # the processor's own checks (image size, aspect ratio, ...)

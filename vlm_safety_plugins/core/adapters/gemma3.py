@@ -8,6 +8,7 @@ class Gemma3Adapter(ModelAdapter):
 
     name = "gemma3"
     model_types = ("gemma3",)
+    thread_safe = True
 
     def images_argument(self, images):
         return images if any(images) else None

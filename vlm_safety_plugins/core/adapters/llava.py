@@ -8,3 +8,4 @@ class LlavaAdapter(ModelAdapter):
 
     name = "llava"
     model_types = ("llava",)
+    thread_safe = True

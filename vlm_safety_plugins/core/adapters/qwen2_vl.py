@@ -21,6 +21,7 @@ class Qwen2VLAdapter(ModelAdapter):
 
     name = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
+    thread_safe = True
 
     def corruption_size(self, image):
         return image.size

@@ -168,7 +168,7 @@ class Eta(Defense):
             keep_row(row_cache, row, length=prompt_length - 1)
             answers[row] = self._align(call, row, row_cache, image_embeddings[row])
             records[row].details.update(unsafe=True, aligned=True)
-            records[row].decision = MODIFIED
+            records[row].decision, records[row].replaced_answer = MODIFIED, True
             records[row].details["time_s"]["align"] = time.perf_counter() - started
         return self._output(call, output, answers)
 

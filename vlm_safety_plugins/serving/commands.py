@@ -1,0 +1,127 @@
+"""``vlm-safety serve``: the OpenAI-compatible server over the transformers engine."""
+
+from __future__ import annotations
+
+import click
+
+from ..cli import load_model, trust_remote_code_option
+from .app import API_KEY_ENV
+
+MIB = 2**20
+
+
+@click.command()
+@click.option(
+    "--model", "model_name", required=True, help="testbed, a tiny-* offline model, a hub id or a local folder."
+)
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="The operator policy (YAML): a safety config, plus `client_flags: none|add|any` (default none: "
+    "requests may not send flags). Every request runs its defenses; `defenses: {}` serves undefended.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--served-model-name", help="The model id clients send (default: --model).")
+@click.option(
+    "--api-key",
+    envvar=API_KEY_ENV,
+    help=f"Require `Authorization: Bearer KEY` on /v1/* and /metrics (or set {API_KEY_ENV}).",
+)
+@click.option(
+    "--allow-image-urls", is_flag=True, help="Fetch http(s) image URLs (off: only data: URIs; never file paths)."
+)
+@click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1), help="Generations at once.")
+@click.option(
+    "--max-queue", default=64, show_default=True, type=click.IntRange(0), help="Waiting requests (503 beyond)."
+)
+@click.option(
+    "--request-timeout",
+    default=600.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a request may take, queue included; then it is cancelled (503).",
+)
+@click.option("--max-body-mb", default=32.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--max-image-mb", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--max-image-pixels", default=36_000_000, show_default=True, type=click.IntRange(1))
+@click.option("--max-images", default=8, show_default=True, type=click.IntRange(1), help="Images per request.")
+@click.option("--default-max-tokens", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--max-tokens-limit", default=4096, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, help="Seed of the tiny-* models' weights.")
+@click.option(
+    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+)
+@trust_remote_code_option
+def serve_command(
+    model_name,
+    config_path,
+    host,
+    port,
+    served_model_name,
+    api_key,
+    allow_image_urls,
+    concurrency,
+    max_queue,
+    request_timeout,
+    max_body_mb,
+    max_image_mb,
+    max_image_pixels,
+    max_images,
+    default_max_tokens,
+    max_tokens_limit,
+    seed,
+    log_level,
+    trust_remote_code,
+):
+    """Serve a defended VLM over an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health, /metrics).
+
+    The --config policy is the floor of every request: a request's own flags (the `vlm_safety`
+    field) are refused, or may only add defenses (`client_flags: add`); never remove or weaken
+    the operator's. Images come as data: URIs (http(s) URLs only with --allow-image-urls).
+    """
+    import uvicorn
+
+    from ..core.errors import ConfigError, VLMSafetyError
+    from ..core.policy import load_policy
+    from .app import ServerSettings, create_app
+    from .engines.transformers_engine import TransformersEngine
+    from .images import ImageLimits
+
+    try:  # cheap checks first, so a bad policy fails before a model loads
+        policy = load_policy(config_path)
+    except ConfigError as error:
+        raise click.ClickException(f"invalid policy: {error}") from None
+    model, processor = load_model(model_name, seed)
+    try:
+        engine = TransformersEngine(
+            model,
+            processor,
+            policy,
+            model_id=served_model_name or model_name,
+            concurrency=concurrency,
+            trust_remote_code=trust_remote_code,
+        )
+        engine.check_policy()
+    except VLMSafetyError as error:
+        raise click.ClickException(str(error)) from None
+    settings = ServerSettings(
+        api_key=api_key or None,
+        images=ImageLimits(int(max_image_mb * MIB), max_image_pixels, max_images, allow_image_urls),
+        max_body_bytes=int(max_body_mb * MIB),
+        max_queue=max_queue,
+        request_timeout_s=request_timeout,
+        default_max_tokens=default_max_tokens,
+        max_tokens_limit=max_tokens_limit,
+    )
+    defenses = ", ".join(policy.config.defenses) or "none"
+    click.echo(
+        f"vlm-safety serve: {engine.model_id} on http://{host}:{port} (engine {engine.name}); "
+        f"policy {config_path}: defenses {defenses}, client_flags {policy.client_flags}",
+        err=True,
+    )
+    if policy.client_flags == "any":
+        click.echo("warning: client_flags: any lets requests replace the policy (development only)", err=True)
+    uvicorn.run(create_app(engine, settings), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -1,0 +1,1 @@
+"""Engines: what generates behind ``vlm-safety serve`` (``base.Engine`` is the interface)."""
