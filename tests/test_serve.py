@@ -375,6 +375,20 @@ def test_a_client_that_disconnects_is_counted_as_cancelled(servers):
     assert ask(slow, "Hi.", model="tiny-llava", max_tokens=2).choices[0].model_extra["vlm_safety"]["decision"]
 
 
+def test_a_client_that_disconnects_before_a_whole_answer_is_counted_as_cancelled(servers):
+    slow = servers["slow"]
+    before = metric(slow, "vlm_safety_requests_total", outcome="cancelled")
+    connection = http.client.HTTPConnection("127.0.0.1", slow.port, timeout=30)
+    body = request_body("Tell me a long story.", model="tiny-llava", max_tokens=4000)
+    connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    assert wait_for(
+        lambda: metric(slow, "vlm_safety_queue_depth") == 0 and metric(slow, "vlm_safety_requests_in_flight") == 1
+    )
+    connection.close()  # before any answer
+    assert wait_for(lambda: metric(slow, "vlm_safety_requests_total", outcome="cancelled") == before + 1)
+    assert wait_for(lambda: metric(slow, "vlm_safety_requests_in_flight") == 0)
+
+
 def test_a_full_queue_is_503_and_says_when_to_retry(servers):
     slow = servers["slow"]
     with ThreadPoolExecutor(2) as pool:  # one generating, one waiting: the queue is full
