@@ -44,8 +44,15 @@ SIZED = "sized-llava"
 def policies(model: str) -> dict[str, dict]:
     eta = yaml.safe_load((CONFIGS / "eta-testbed.yaml").read_text())
     if model == SIZED:  # random weights: tiny scorers, and nothing judged unsafe (the safe path)
-        eta = {"defenses": {"eta": {"clip": {"model": "tiny-clip"}, "reward_model": {"path": "tiny-reward-model"},
-                                    "pre_threshold": 1.0}}}  # fmt: skip
+        eta = {
+            "defenses": {
+                "eta": {
+                    "clip": {"model": "tiny-clip"},
+                    "reward_model": {"path": "tiny-reward-model"},
+                    "pre_threshold": 1.0,
+                }
+            }
+        }
     return {"off": {"defenses": {}}, "adashield": yaml.safe_load((CONFIGS / "adashield.yaml").read_text()), "eta": eta}
 
 
@@ -87,9 +94,24 @@ class ServerProcess:
                 built.save_pretrained(target)
                 processor.save_pretrained(target)
             model = str(target)
-        command = [sys.executable, "-c", "from vlm_safety_plugins.cli import cli; cli()", "serve", "--model", model,
-                   "--served-model-name", "bench", "--config", str(policy), "--port", str(port),
-                   "--log-level", "warning", "--threads", str(torch.get_num_threads())]  # fmt: skip
+        command = [
+            sys.executable,
+            "-c",
+            "from vlm_safety_plugins.cli import cli; cli()",
+            "serve",
+            "--model",
+            model,
+            "--served-model-name",
+            "bench",
+            "--config",
+            str(policy),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--threads",
+            str(torch.get_num_threads()),
+        ]
         self.url = f"http://127.0.0.1:{port}"
         self.process = subprocess.Popen(command, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 300
@@ -158,11 +180,22 @@ def main() -> None:
         for model_name in args.models.split(","):
             requests = requests_for(model_name, args.requests)
             bodies = [
-                {"model": "bench", "temperature": 0, "max_tokens": args.max_tokens,
-                 "messages": [{"role": "user", "content": [
-                     {"type": "image_url", "image_url": {"url": data_uri(image)}}, {"type": "text", "text": text}]}]}
+                {
+                    "model": "bench",
+                    "temperature": 0,
+                    "max_tokens": args.max_tokens,
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "image_url", "image_url": {"url": data_uri(image)}},
+                                {"type": "text", "text": text},
+                            ],
+                        }
+                    ],
+                }
                 for text, image in requests
-            ]  # fmt: skip
+            ]
             model, processor = load(model_name)
             for policy_name, policy in policies(model_name).items():
                 direct = statistics.median(direct_latencies(model, processor, policy, requests, args.max_tokens))

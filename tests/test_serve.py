@@ -5,7 +5,7 @@ Three servers start once for the module, each by its process id:
   small body and image limits;
 - ``add``: the same policy with ``client_flags: add``;
 - ``slow``: a random tiny LLaVA (it rarely ends an answer, so generations run as long as
-  asked) under AdaShield, one generation at a time, one waiting, a 3 s request timeout,
+  asked) under AdaShield, one generation at a time, one waiting, a 2 s request timeout,
   image URLs allowed: for timeouts, disconnects and the queue.
 """
 
@@ -45,7 +45,7 @@ def servers(tmp_path_factory):
     add_policy = folder / "eta-add.yaml"
     add_policy.write_text(yaml.safe_dump({**yaml.safe_load(eta.read_text()), "client_flags": "add"}))
     limits = ["--max-body-mb", "1", "--max-image-pixels", "1000000"]
-    one_at_a_time = ["--concurrency", "1", "--max-queue", "1", "--request-timeout", "3", "--allow-image-urls"]
+    one_at_a_time = ["--concurrency", "1", "--max-queue", "1", "--request-timeout", "2", "--allow-image-urls"]
     launched = {
         "eta": start(serve("testbed", eta, *limits), folder / "eta.log", env={"VLM_SAFETY_API_KEY": KEY}, api_key=KEY),
         "add": start(serve("testbed", add_policy), folder / "add.log"),
@@ -178,8 +178,15 @@ def test_eight_concurrent_clients_get_the_answer_each_gets_alone(servers, sample
 
 # -- the policy ---------------------------------------------------------------------------------
 
-WEAKER_ETA = {"defenses": {"eta": {"pre_threshold": 1.0, "clip": {"backend": "open_clip", "model": "testbed-clip"},
-                                   "reward_model": {"path": "testbed-reward-model"}}}}  # fmt: skip
+WEAKER_ETA = {
+    "defenses": {
+        "eta": {
+            "pre_threshold": 1.0,
+            "clip": {"backend": "open_clip", "model": "testbed-clip"},
+            "reward_model": {"path": "testbed-reward-model"},
+        }
+    }
+}
 BYPASSES = {
     "empty": {},
     "no defenses": {"defenses": {}},
@@ -297,6 +304,7 @@ def test_too_large_bodies_and_images_are_413(servers):
         (request_body([{"type": "video", "url": "x"}]), 422, "messages[0].content[0]"),
         (request_body([{"type": "image_url", "image_url": {"uri": "x"}}]), 422, "messages[0].content[0].image_url.uri"),
         (request_body("Hi.", max_tokens=10**6), 422, "max_tokens"),
+        (request_body("Hi.", min_tokens=10), 422, "min_tokens"),
         (request_body("Hi.", model="gpt-4o"), 404, "model"),
         (request_body([{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]), 400, URL),
         (request_body([{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]), 400, URL),
@@ -304,9 +312,22 @@ def test_too_large_bodies_and_images_are_413(servers):
         (request_body([{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!"}}]), 400, URL),
         (request_body("Describe <image> please."), 400, None),
     ],
-    ids=["bad json", "NaN", "temperature", "part type", "image_url field", "max_tokens", "model", "path", "file url",
-         "remote url", "bad base64", "special token"],
-)  # fmt: skip
+    ids=[
+        "bad json",
+        "NaN",
+        "temperature",
+        "part type",
+        "image_url field",
+        "max_tokens",
+        "min_tokens",
+        "model",
+        "path",
+        "file url",
+        "remote url",
+        "bad base64",
+        "special token",
+    ],
+)
 def test_malformed_requests_get_one_error_naming_the_field(servers, body, status, param):
     got, answer = post(servers["eta"], body)
     assert got == status and answer["error"]["param"] == param and answer["error"]["message"]
@@ -345,7 +366,9 @@ def wait_for(predicate, timeout: float = 20.0) -> bool:
 
 
 def long_request(server, **options):
-    return ask(server, "Tell me a long story.", model="tiny-llava", max_tokens=4000, **options)
+    return ask(
+        server, "Tell me a story.", model="tiny-llava", max_tokens=4000, extra_body={"min_tokens": 4000}, **options
+    )
 
 
 def test_a_request_past_its_timeout_is_cancelled_with_503(servers):
@@ -379,7 +402,7 @@ def test_a_client_that_disconnects_before_a_whole_answer_is_counted_as_cancelled
     slow = servers["slow"]
     before = metric(slow, "vlm_safety_requests_total", outcome="cancelled")
     connection = http.client.HTTPConnection("127.0.0.1", slow.port, timeout=30)
-    body = request_body("Tell me a long story.", model="tiny-llava", max_tokens=4000)
+    body = request_body("Tell me a story.", model="tiny-llava", max_tokens=4000, min_tokens=4000)
     connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
     assert wait_for(
         lambda: metric(slow, "vlm_safety_queue_depth") == 0 and metric(slow, "vlm_safety_requests_in_flight") == 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextvars
 import copy
+import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -232,10 +233,17 @@ class GenerationCall:
         """Per row, whether its prompt holds image tokens (the rows image-only defenses act on)."""
         return self.adapter.image_token_mask(self.inputs["input_ids"]).any(dim=1).tolist()
 
-    @property
+    @functools.cached_property
     def generation_config(self):
-        """The GenerationConfig in force for this call (the caller's, else the model's)."""
-        return self.kwargs.get("generation_config") or self.model.generation_config
+        """The GenerationConfig in force for this call, as the inner generate will see it: the
+        caller's with its unset values (eos, pad, ...) filled from the model's, else the model's.
+        (A server that sends its own config, as transformers serve does, leaves eos unset.)"""
+        given, model_config = self.kwargs.get("generation_config"), self.model.generation_config
+        if given is None:
+            return model_config
+        config = copy.deepcopy(given)
+        config.update(**model_config.to_dict(), defaults_only=True)
+        return config
 
     def setting(self, name: str) -> Any:
         """A generation setting as the inner generate sees it: the call's keyword argument if

@@ -231,6 +231,8 @@ class _Server:
         if max_tokens > settings.max_tokens_limit:
             param = "max_completion_tokens" if chat.max_completion_tokens else "max_tokens"
             raise APIError(422, f"{param}: at most {settings.max_tokens_limit} on this server", param=param)
+        if chat.min_tokens > max_tokens:
+            raise APIError(422, f"min_tokens: more than the answer's {max_tokens} tokens at most", param="min_tokens")
         if chat.stream and engine.max_stream_choices is not None and chat.n > engine.max_stream_choices:
             message = (
                 f"n: the {engine.name} engine streams {engine.max_stream_choices} choice; use stream=false for more"
@@ -241,6 +243,7 @@ class _Server:
             messages=self._messages(chat),
             flags=chat.vlm_safety,
             max_tokens=max_tokens,
+            min_tokens=chat.min_tokens,
             temperature=chat.temperature,
             top_p=chat.top_p,
             seed=chat.seed,

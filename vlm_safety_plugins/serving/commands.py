@@ -61,8 +61,19 @@ MIB = 2**20
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 @trust_remote_code_option
-def serve_command(model_name, config_path, host, port, served_model_name, concurrency, threads, seed, log_level,
-                  trust_remote_code, **limits):  # fmt: skip
+def serve_command(
+    model_name,
+    config_path,
+    host,
+    port,
+    served_model_name,
+    concurrency,
+    threads,
+    seed,
+    log_level,
+    trust_remote_code,
+    **limits,
+):
     """Serve a defended VLM over an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health, /metrics).
 
     The --config policy is the floor of every request: a request's own flags (the `vlm_safety`

@@ -73,6 +73,8 @@ class ChatCompletionRequest(_Strict):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    min_tokens: int = Field(0, ge=0)
+    """An extension (as vLLM's): no end of sequence before this many tokens (fixed-length benchmarks)."""
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, le=SEED_LIMIT)

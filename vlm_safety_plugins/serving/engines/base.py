@@ -33,6 +33,7 @@ class ChatJob:
     flags: dict | None
     """The request's own ``vlm_safety`` flags (None: it sent none); the engine's policy applies them."""
     max_tokens: int
+    min_tokens: int = 0
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None

@@ -105,7 +105,7 @@ class TransformersEngine(Engine):
         config = copy.deepcopy(self.model.generation_config)
         if hasattr(config, GENERATION_CONFIG_KEY):
             delattr(config, GENERATION_CONFIG_KEY)
-        config.max_new_tokens = job.max_tokens
+        config.max_new_tokens, config.min_new_tokens = job.max_tokens, job.min_tokens or None
         if job.temperature is not None:
             config.do_sample = job.temperature > 0
             if config.do_sample:
