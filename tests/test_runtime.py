@@ -210,3 +210,27 @@ def test_two_threads_with_different_flags_do_not_interfere(vlm, red_image):
     )
     assert all(torch.equal(out, vanilla) for out in results["plain"])
     assert all(torch.equal(out, defended) for out in results["defended"])
+
+
+class RecordsSettings(vsp.Defense):
+    name = "records_settings_test_defense"
+    seen = {}
+
+    def transform_inputs(self, call):
+        type(self).seen = {
+            "eos": call.eos_token_ids(),
+            "pad": call.pad_token_id(),
+            "max": call.setting("max_new_tokens"),
+        }
+
+
+def test_a_callers_config_reads_its_unset_values_from_the_models_as_generate_does(vlm, red_image, register):
+    model, processor = vlm
+    register(RecordsSettings)
+    vsp.attach(model, processor)
+    inputs = batch(model, processor, [("What is in the picture?", red_image)])
+    flags = {"defenses": {"records_settings_test_defense": {}}}
+    model.generate(**inputs, generation_config=GenerationConfig(max_new_tokens=3, vlm_safety=flags))  # no eos, no pad
+    expected_eos = model.generation_config.eos_token_id
+    assert RecordsSettings.seen["eos"] == ([expected_eos] if isinstance(expected_eos, int) else list(expected_eos))
+    assert RecordsSettings.seen["pad"] is not None and RecordsSettings.seen["max"] == 3
