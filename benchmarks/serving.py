@@ -5,8 +5,8 @@ and each policy (defenses off, adashield, eta on its safe path), one real server
 127.0.0.1 is driven by the `openai` client at 1, 4 and 8 concurrent clients, each sending
 requests back to back; latency p50 / p95 and throughput are measured at the client. The
 baseline is measured in the same run: the same requests through the attached model's
-`generate`, in this process, one at a time (the server's overhead is its p50 at one
-client over that). The requests are benign (ETA takes its safe path: CLIP pre-check, then
+`generate`, in this process, alternating with the one-client requests (the server's overhead
+is its p50 at one client over that). The requests are benign (ETA takes its safe path: CLIP pre-check, then
 the answer streams live); greedy, a fixed answer length.
 
     python benchmarks/serving.py                     # both models, CPU
@@ -128,34 +128,48 @@ class ServerProcess:
         self.process.wait(timeout=30)
 
 
+def client_for(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+
+
+def timed(call) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
 def drive(url: str, bodies: list[dict], clients: int) -> tuple[list[float], float]:
     """Per-request latencies and the wall time of sending ``bodies`` from ``clients`` threads."""
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
-
-    def one(body: dict) -> float:
-        started = time.perf_counter()
-        client.chat.completions.create(**body)
-        return time.perf_counter() - started
-
+    client = client_for(url)
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        latencies = list(pool.map(one, bodies))
+        latencies = list(pool.map(lambda body: timed(lambda: client.chat.completions.create(**body)), bodies))
     return latencies, time.perf_counter() - started
 
 
-def direct_latencies(model, processor, policy: dict, requests, max_tokens: int) -> list[float]:
-    """The baseline: each request through the attached model's generate, one at a time."""
+def one_client_against_direct(url: str, bodies: list[dict], direct_calls: list) -> tuple[list[float], list[float]]:
+    """One client's latencies and the direct generate's, request by request in turn (the
+    server idle meanwhile), so drift in the machine's load hits both alike."""
+    client, served, direct = client_for(url), [], []
+    for body, call in zip(bodies, direct_calls):
+        direct.append(timed(call))
+        served.append(timed(lambda body=body: client.chat.completions.create(**body)))
+    return served, direct
+
+
+def direct_calls(model, processor, policy: dict, requests, max_tokens: int) -> list:
+    """The baseline: each request through the attached model's generate in this process,
+    from the decoded image on (the server also decodes the PNG)."""
     vsp.detach(model)
     vsp.attach(model, processor, policy=policy)
     adapter = vsp.get_attachment(model).adapter
-    latencies = []
-    for text, image in [requests[0], *requests]:  # the first is a warm-up
-        started = time.perf_counter()
+
+    def call(text, image):
         messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
         inputs = adapter.conversation_inputs([messages])
         model.generate(**inputs, images=[[image]], max_new_tokens=max_tokens, do_sample=False)
-        latencies.append(time.perf_counter() - started)
-    return latencies[1:]
+
+    return [lambda text=text, image=image: call(text, image) for text, image in requests]
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -198,16 +212,19 @@ def main() -> None:
             ]
             model, processor = load(model_name)
             for policy_name, policy in policies(model_name).items():
-                direct = statistics.median(direct_latencies(model, processor, policy, requests, args.max_tokens))
+                calls = direct_calls(model, processor, policy, requests, args.max_tokens)
                 path = folder / f"{policy_name}.yaml"
                 path.write_text(yaml.safe_dump(policy))
                 server = ServerProcess(model_name, path, args.port, folder)
                 try:
-                    drive(server.url, bodies[:2], 1)  # warm-up
-                    for clients in CLIENTS:
+                    one_client_against_direct(server.url, bodies[:4], calls[:4])  # warm-up
+                    served, direct = one_client_against_direct(server.url, bodies, calls)
+                    rows.append((model_name, policy_name, 1, served, sum(served), statistics.median(direct)))
+                    for clients in CLIENTS[1:]:
                         latencies, wall = drive(server.url, bodies, clients)
-                        rows.append((model_name, policy_name, clients, latencies, wall, direct))
-                        print(rows[-1][:3], f"p50 {statistics.median(latencies):.3f} s", flush=True)
+                        rows.append((model_name, policy_name, clients, latencies, wall, None))
+                    for row in rows[-len(CLIENTS) :]:
+                        print(row[:3], f"p50 {statistics.median(row[3]):.3f} s", flush=True)
                 finally:
                     server.stop()
             del model
@@ -218,18 +235,24 @@ def main() -> None:
         f"`vlm-safety serve` (transformers engine, `--concurrency 4`) driven by the `openai` client on 127.0.0.1; "
         f"{args.requests} benign image requests per case, greedy, {args.max_tokens} new tokens; ETA on its safe "
         f"path. *direct* = the same requests through the attached `generate` in the client's process, one at a "
-        f"time (median). torch {torch.__version__}, {os.cpu_count()} CPUs, {args.threads} torch thread(s) per "
-        "generation.",
+        f"time, alternating with the one-client requests (median). torch {torch.__version__}, {os.cpu_count()} "
+        f"CPUs, {args.threads} torch thread(s) per generation. *overhead* = p50 − direct p50 at one client: "
+        "a fixed cost per request (HTTP, JSON, base64 and PNG decoding, the SDK's parsing), so its ratio "
+        "depends on how long the answer itself takes.",
         "",
-        "| model | policy | clients | p50 (s) | p95 (s) | throughput (req/s) | p50 vs direct | throughput vs off |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | policy | clients | p50 (s) | p95 (s) | throughput (req/s) | direct p50 (s) | overhead (ms) "
+        "| p50 vs direct | throughput vs off |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for model_name, policy_name, clients, latencies, wall, direct in rows:
         throughput = len(latencies) / wall
-        vs_direct = f"{statistics.median(latencies) / direct:.2f}x" if clients == 1 else ""
+        p50 = statistics.median(latencies)
+        direct_p50, overhead, vs_direct = ("", "", "")
+        if direct:
+            direct_p50, overhead, vs_direct = f"{direct:.3f}", f"{(p50 - direct) * 1000:.0f}", f"{p50 / direct:.2f}x"
         lines.append(
-            f"| {model_name} | {policy_name} | {clients} | {statistics.median(latencies):.3f} | "
-            f"{percentile(latencies, 0.95):.3f} | {throughput:.2f} | {vs_direct} | "
+            f"| {model_name} | {policy_name} | {clients} | {p50:.3f} | "
+            f"{percentile(latencies, 0.95):.3f} | {throughput:.2f} | {direct_p50} | {overhead} | {vs_direct} | "
             f"{throughput / off[(model_name, clients)]:.2f}x |"
         )
     write_report(lines, args.out)
