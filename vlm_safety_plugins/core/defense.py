@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -112,6 +113,15 @@ class DefenseCall(Protocol):
         """The inner transformers generate with every defense's processors, criteria and interventions."""
 
 
+@dataclass(frozen=True)
+class EngineWork:
+    """What of a defense an inference engine runs for one request, through our engine plugins
+    (vLLM: a logits processor, a worker extension), instead of the transformers runtime."""
+
+    answer_prefix: str | None = None
+    """Text the answer must open with (forced token by token), e.g. ETA's interference prefix."""
+
+
 class Defense:
     """Subclass, set ``name`` and ``Options``, override the kinds of work it does."""
 
@@ -134,6 +144,18 @@ class Defense:
         artifact the options need. A defense that declares none fails the suite.
         """
         return {}
+
+    @classmethod
+    def engine_work(cls, options: Any) -> EngineWork:
+        """What an inference engine (vLLM) runs of this defense with ``options``; by default
+        nothing can: a ConfigError naming the defense, so it never runs there silently weakened."""
+        from .errors import ConfigError
+
+        raise ConfigError(
+            f"{cls.name} cannot run inside the inference engine; run it in front of the engine "
+            "(vlm-safety serve) or with transformers",
+            path=f"defenses.{cls.name}",
+        )
 
     @classmethod
     def kinds(cls) -> tuple[str, ...]:

@@ -19,8 +19,8 @@ import torch
 from transformers import DynamicCache
 
 from ...core import plugins
-from ...core.defense import Defense
-from ...core.errors import DefenseError
+from ...core.defense import Defense, EngineWork
+from ...core.errors import ConfigError, DefenseError
 from ...core.options import option
 from ...core.report import MODIFIED
 from ...scorers.reward import BEST_OF_N_INSTRUCTION, POST_EVAL_INSTRUCTION
@@ -116,6 +116,19 @@ class Eta(Defense):
             "neutral": {**scorers, "pre_threshold": 1.0, "text_only": "pass"},
             "active": {**scorers, "pre_threshold": -1.0, "post_threshold": 1e9, "alignment": "shallow_only"},
         }
+
+    @classmethod
+    def engine_work(cls, options):
+        """Inside an inference engine, only the interference prefix: the evaluation (CLIP, reward)
+        and the best-of-N search need the whole answer and run in front of the engine, which
+        asks the engine for the prefix on the rows it judged unsafe (``alignment: shallow_only``)."""
+        if options.alignment != "shallow_only":
+            raise ConfigError(
+                "inside the inference engine eta is only its interference prefix, `alignment: shallow_only` "
+                "(the evaluation and best-of-N run in front of the engine)",
+                path="defenses.eta.alignment",
+            )
+        return EngineWork(answer_prefix=options.prefix)
 
     def around_generate(self, call, proceed):
         options, rows = self.options, range(call.batch_size)

@@ -1,0 +1,12 @@
+"""The defenses inside a vLLM engine (V1): plugins vLLM loads, per request, without a fork.
+
+- ``prefix.InterferencePrefix``: a V1 logits processor, registered for every vLLM server
+  through the entry-point group ``vllm.logits_processors``; inert for a request that asks
+  for nothing, it forces the answer prefix of one that does (ETA's interference prefix).
+- ``requests``: a request's flags (``SamplingParams.extra_args["vlm_safety"]``, a JSON string;
+  ``vllm_xargs`` over HTTP), the operator's policy given at start (``VLM_SAFETY_POLICY``),
+  and what of them runs in the engine (``Defense.engine_work``).
+- ``checkpoint``: a model folder in the key layout vLLM loads (llava-hf's).
+
+Nothing here imports vLLM at package import; the modules that subclass its classes do.
+"""
