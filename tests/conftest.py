@@ -1,6 +1,8 @@
 """Shared fixtures: fresh tiny models of every family, and in-process test plugins."""
 
 import contextlib
+import functools
+import os
 import socket
 
 import pytest
@@ -15,6 +17,57 @@ from vlm_safety_plugins.testing.conformance import run_concurrently as concurren
 
 # Tiny models run several times faster on one thread than on torch's default pool.
 torch.set_num_threads(1)
+
+# Tests marked ``vllm`` (tests/test_vllm*.py) need vLLM: skipped, with the reason, where it cannot be
+# imported. CI's vLLM environment sets this variable: there such a test that skips fails instead.
+REQUIRE_VLLM = "VLM_SAFETY_REQUIRE_VLLM"
+
+
+@functools.cache
+def vllm_import_error() -> str | None:
+    """Why ``import vllm`` fails here, or None when it imports."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as error:  # not only ImportError: a broken install raises what it raises
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def vllm_required() -> bool:
+    return os.environ.get(REQUIRE_VLLM, "") not in ("", "0")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("vllm") is not None and (error := vllm_import_error()) is not None:
+        reason = f"needs vLLM, which cannot be imported here ({error})"
+        if vllm_required():
+            pytest.fail(f"{REQUIRE_VLLM} is set but this test {reason}", pytrace=False)
+        pytest.skip(reason)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under VLM_SAFETY_REQUIRE_VLLM a ``vllm`` test that skips, for whatever reason, fails."""
+    report = yield
+    if report.skipped and not hasattr(report, "wasxfail") and vllm_required() and item.get_closest_marker("vllm"):
+        report.outcome = "failed"
+        report.longrepr = f"{REQUIRE_VLLM} is set but this vLLM test skipped: {_skip_reason(report)}"
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    """Under VLM_SAFETY_REQUIRE_VLLM a vLLM test module skipped whole (``pytest.importorskip``) fails."""
+    report = yield
+    if report.skipped and vllm_required() and collector.path.name.startswith("test_vllm"):
+        report.outcome = "failed"
+        report.longrepr = f"{REQUIRE_VLLM} is set but this vLLM test module skipped: {_skip_reason(report)}"
+    return report
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr  # (path, line, "Skipped: reason") for a skip
+    return longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
 
 
 @pytest.fixture(params=FAMILIES)

@@ -417,12 +417,14 @@ def test_growing_cache_layers_match_dynamic_ones_through_crops_selects_and_repea
     assert all(type(layer) is GrowingLayer for layer in growing.layers)
     torch.manual_seed(0)
 
-    def update(length, batch):
-        states = torch.randn(batch, 2, length, 16), torch.randn(batch, 2, length, 16)
-        for cache in (growing, plain):
-            keys, values = cache.update(*states, 0)
-        torch.testing.assert_close(keys, plain.layers[0].keys, rtol=0, atol=0)
-        torch.testing.assert_close(growing.layers[0].values, values, rtol=0, atol=0)
+    def update(length, batch):  # every layer, as a forward does (transformers < 5.20 cannot crop an empty layer)
+        for index in range(len(plain.layers)):
+            states = torch.randn(batch, 2, length, 16), torch.randn(batch, 2, length, 16)
+            returned = [cache.update(*states, index) for cache in (growing, plain)]
+            for mine, theirs in zip(returned[0], returned[1]):
+                torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+            torch.testing.assert_close(growing.layers[index].keys, plain.layers[index].keys, rtol=0, atol=0)
+            torch.testing.assert_close(growing.layers[index].values, plain.layers[index].values, rtol=0, atol=0)
 
     update(70, 1)  # a prompt
     for _ in range(80):  # decoding past the spare room
@@ -438,6 +440,29 @@ def test_growing_cache_layers_match_dynamic_ones_through_crops_selects_and_repea
         step(plain)
         update(1, growing.layers[0].keys.shape[0])
     assert growing.get_seq_length() == plain.get_seq_length() == 70 + 80 + len(steps) - 7
+
+
+def test_keep_row_keeps_one_row_cropped_and_refuses_a_length_past_the_cache(family):
+    from vlm_safety_plugins.defenses.eta.best_of_n import GrowingLayer, keep_row
+
+    model, processor = testing.tiny_vlm(family)
+    adapter = find_adapter(model, processor)
+    inputs = adapter.build_inputs([("What is in the picture?", testing.tiny_image()), ("Describe a cat.", None)])
+    cache = prefill_cache(model.generate, model.config, inputs)
+    length = inputs["input_ids"].shape[1] - 1
+    assert cache.get_seq_length() == length
+    with pytest.raises(ValueError, match=f"cannot keep {length + 1} positions of a cache holding {length}"):
+        keep_row(cache, 1, length=length + 1)  # (transformers < 5.20 would crop to a positive length silently)
+    full = [
+        (index, layer.keys[1:2, :, : length - 3].clone())
+        for index, layer in enumerate(cache.layers)
+        if type(layer) is GrowingLayer
+    ]
+    keep_row(cache, 1, length=length - 3)
+    assert cache.get_seq_length() == length - 3 and full
+    assert all(layer.keys.shape[0] == 1 for layer in cache.layers)
+    for index, keys in full:
+        torch.testing.assert_close(cache.layers[index].keys, keys, rtol=0, atol=0)
 
 
 def test_eta_turns_the_testbeds_image_induced_compliance_into_a_refusal():

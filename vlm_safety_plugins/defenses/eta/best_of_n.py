@@ -225,9 +225,17 @@ def _sample(generate, tokenizer, context, cache, *, n, top_k, temperature, max_t
 
 
 def keep_row(cache: DynamicCache, row: int, *, length: int) -> None:
-    """Keep one row of the cache, cropped to its first ``length`` positions."""
+    """Keep one row of the cache, cropped to its first ``length`` positions.
+
+    ``crop`` is only ever given the number of positions to drop, negated (or 0): transformers
+    before 5.20 reads a positive argument as the length to keep and ignores one past the end,
+    where later versions raise; so a cache shorter than ``length`` is an error here in both.
+    """
+    cached = cache.get_seq_length()
+    if length > cached:
+        raise ValueError(f"cannot keep {length} positions of a cache holding {cached}")
     cache.batch_select_indices(torch.tensor([row], device=_cache_device(cache)))
-    cache.crop(length - cache.get_seq_length())
+    cache.crop(-(cached - length))
 
 
 def _cache_device(cache: DynamicCache) -> torch.device:
