@@ -8,8 +8,10 @@ its tokens can be compared with the transformers path's one for one. These tests
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+import openai
 import pytest
 from PIL import Image
 
@@ -18,6 +20,8 @@ from vlm_safety_plugins import testbed
 from vlm_safety_plugins.core.adapters import find_adapter
 from vlm_safety_plugins.vllm import requests
 from vlm_safety_plugins.vllm.checkpoint import write_vllm_folder
+
+from .servers import start, user_message
 
 pytestmark = pytest.mark.vllm
 
@@ -30,10 +34,8 @@ ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    """An in-process vLLM engine on the testbed, with our logits processor."""
+    """An in-process vLLM engine on the testbed; our logits processor comes in through its entry point."""
     from vllm import LLM
-
-    from vlm_safety_plugins.vllm.prefix import InterferencePrefix
 
     folder = write_vllm_folder(testbed.WEIGHTS / testbed.NAMES["testbed"], tmp_path_factory.mktemp("vllm") / "testbed")
     with pytest.MonkeyPatch.context() as patch:
@@ -45,7 +47,6 @@ def engine(tmp_path_factory):
             enforce_eager=True,
             max_model_len=256,
             limit_mm_per_prompt={"image": 1},
-            logits_processors=[InterferencePrefix],
             seed=0,
         )
         yield llm
@@ -194,3 +195,68 @@ def test_under_an_operator_policy_a_request_that_asks_for_nothing_is_defended(
 def test_nothing_is_forced_without_flags_or_policy():
     assert requests.engine_work(None) is None and requests.engine_work({"vlm_safety": None}) is None
     assert requests.engine_work({"vlm_safety": json.dumps({"defenses": {}})}) is None
+
+
+# -- a real `vllm serve` process, driven by the openai client ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """`vllm serve` (the OpenAI server module: vllm-cpu's console script is broken) on the testbed;
+    our logits processor comes in through its entry point, as on any server of the machine."""
+    folder = tmp_path_factory.mktemp("served")
+    model = write_vllm_folder(testbed.WEIGHTS / testbed.NAMES["testbed"], folder / "testbed")
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--served-model-name",
+        "testbed",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "256",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+    ]
+    server = start(command, folder / "vllm.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    try:
+        server.wait_healthy()
+        yield server
+    finally:
+        server.stop()
+
+
+def ask_served(server, image, text, flags=None, stream=False):
+    extra = {"vllm_xargs": {"vlm_safety": json.dumps(flags)}} if flags is not None else {}
+    response = server.client().chat.completions.create(
+        model="testbed",
+        messages=[user_message(text, image)],
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        stream=stream,
+        extra_body=extra,
+    )
+    if stream:
+        return "".join(chunk.choices[0].delta.content or "" for chunk in response if chunk.choices)
+    return response.choices[0].message.content
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_vllm_serve_forces_the_prefix_for_a_request_that_asks_through_vllm_xargs(served, reference, harmful, stream):
+    answer, adapter = reference
+    text, image = harmful
+    plain = adapter.tokenizer.decode(answer(text, image), skip_special_tokens=True)
+    assert ask_served(served, image, text, stream=stream).strip() == plain.strip()
+    forced = ask_served(served, image, text, eta_flags(), stream=stream)
+    assert forced.strip().startswith("As an AI assistant") and not plain.strip().startswith("As an AI")
+
+
+def test_vllm_serve_answers_flags_it_cannot_run_with_400_naming_the_key(served, harmful):
+    text, image = harmful
+    with pytest.raises(openai.BadRequestError, match=r"defenses\.eta\.alignment"):
+        ask_served(served, image, text, eta_flags(alignment="full"))
