@@ -25,6 +25,7 @@ from vlm_safety_plugins import testbed
 from vlm_safety_plugins.core.policy import load_policy
 from vlm_safety_plugins.serving.export import CUSTOM_GENERATE, POLICY_KEY, export_command
 
+from .conftest import vllm_required
 from .servers import start
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,7 +233,10 @@ def request_image_decoding_error() -> str | None:
 def served(exported, tmp_path_factory):
     """``transformers serve EXPORTED --trust-remote-code`` on a free port, and an openai client for it."""
     if (error := request_image_decoding_error()) is not None:
-        pytest.skip(f"transformers serve cannot decode request images here: {error}")
+        reason = f"transformers serve cannot decode request images here: {error}"
+        if not vllm_required():  # only the vLLM environment's CUDA torchvision may excuse it
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
     folder = tmp_path_factory.mktemp("serve")
     env = {
         "HF_HUB_OFFLINE": "1",
