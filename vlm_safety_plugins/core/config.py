@@ -143,6 +143,16 @@ def read_yaml_file(source: str | os.PathLike) -> Any:
     return parse_yaml(text, source=str(path))
 
 
+def parse_json(text: str | bytes) -> Any:
+    """A JSON document as plain data (flags and bodies that servers receive). NaN and Infinity,
+    which Python's json reads by default, are refused: they are not JSON. Raises ValueError."""
+
+    def refuse(name: str):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def parse_yaml(text: str, *, source: str) -> Any:
     """A YAML document as plain data, with the limits a config needs: no duplicate keys, at most
     MAX_NODES nodes once aliases are expanded (so a "billion laughs" file is refused, not

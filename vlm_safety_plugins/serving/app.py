@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..core.config import SafetyConfig
+from ..core.config import SafetyConfig, parse_json
 from ..core.errors import ConfigError, GenerationCancelled, VLMSafetyError
 from . import protocol
 from .engines.base import ChatJob, Delta, Engine, Finish
@@ -322,11 +322,8 @@ async def _cancel_on_disconnect(request: Request, job: ChatJob) -> None:
 
 
 def _parse_json(body: bytes):
-    def refuse_constant(name: str):
-        raise ValueError(f"{name} is not JSON")
-
     try:
-        return json.loads(body, parse_constant=refuse_constant)
+        return parse_json(body)
     except ValueError as error:  # JSONDecodeError, bad UTF-8, NaN/Infinity
         raise APIError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
 

@@ -13,13 +13,12 @@ silently weaker answer.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
 from ..core import plugins
-from ..core.config import GENERATION_CONFIG_KEY, SafetyConfig
+from ..core.config import GENERATION_CONFIG_KEY, SafetyConfig, parse_json
 from ..core.defense import EngineWork
 from ..core.errors import ConfigError
 from ..core.policy import Policy, load_policy
@@ -41,7 +40,7 @@ def request_flags(extra_args: Mapping[str, Any] | None) -> SafetyConfig | None:
     raw = (extra_args or {}).get(EXTRA_ARGS_KEY)
     if isinstance(raw, str):
         try:
-            raw = json.loads(raw, parse_constant=_refuse_constant)
+            raw = parse_json(raw)
         except ValueError as error:
             raise ConfigError(f"not a JSON safety config: {error}", source=SOURCE) from None
     return None if raw is None else SafetyConfig.from_dict(raw, source=SOURCE)
@@ -65,7 +64,3 @@ def engine_work(extra_args: Mapping[str, Any] | None) -> EngineWork | None:
     if len(prefixes) > 1:
         raise ConfigError("more than one defense forces the answer's opening", source=config.source)
     return EngineWork(answer_prefix=prefixes[0] if prefixes else None)
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
