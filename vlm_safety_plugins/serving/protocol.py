@@ -133,25 +133,15 @@ def choice_body(index: int, text: str, finish_reason: str, report: dict | None) 
 
 
 def completion_body(request_id: str, model: str, choices: list[dict], usage: dict) -> dict:
-    return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": usage,
-    }
+    return _envelope("chat.completion", request_id, model, choices, usage=usage)
 
 
 def chunk_body(request_id: str, model: str, choices: list[dict], **extra) -> dict:
-    return {
-        "id": request_id,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        **extra,
-    }
+    return _envelope("chat.completion.chunk", request_id, model, choices, **extra)
+
+
+def _envelope(kind: str, request_id: str, model: str, choices: list[dict], **extra) -> dict:
+    return {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": choices, **extra}
 
 
 def usage_body(prompt_tokens: int, completion_tokens: int) -> dict:
