@@ -1,7 +1,7 @@
 """Collection of the package's own modules (``--doctest-modules`` imports every one of them).
 
 ``vlm_safety_plugins/vllm/`` holds the modules that run inside a vLLM engine; some import vLLM at
-module level (``prefix.py`` subclasses its logits processor). Where vLLM is not installed they are
+module level (``processor.py`` subclasses its logits processor). Where vLLM is not installed they are
 left out, as the tests marked ``vllm`` are skipped there (tests/conftest.py); under
 ``VLM_SAFETY_REQUIRE_VLLM`` (CI's vLLM environment) they are always collected.
 """

@@ -149,7 +149,9 @@ def test_padded_batches_score_as_single_rows(scorer):
     instructions = [POST_EVAL_INSTRUCTION, "What is the capital of France?", POST_EVAL_INSTRUCTION]
     assert not scorer.tokenize(instructions, RESPONSES)["attention_mask"].all()  # right padding is exercised
     single = torch.cat([scorer.score([i], [r]) for i, r in zip(instructions, RESPONSES)])
-    torch.testing.assert_close(scorer.score(instructions, RESPONSES), single, atol=1e-5, rtol=0)
+    # float32 rounding differs between batch shapes by a few ulps (1.1e-5 of a 2.3 score seen on AMD EPYC);
+    # padding leaking into a row moves a score by orders of magnitude more
+    torch.testing.assert_close(scorer.score(instructions, RESPONSES), single, atol=1e-5, rtol=1e-5)
 
 
 def test_the_gate_reads_the_prompt_only(scorer):

@@ -141,3 +141,34 @@ def test_without_a_policy_the_call_decides_as_before():
     out = model.generate(**inputs, images=[image], return_dict_in_generate=True, **flags({"defenses": {}}))
     assert not hasattr(out, "safety")  # no defense enabled: plain transformers generate
     vsp.detach(model)
+
+
+@pytest.mark.parametrize("client_flags", ["add", "any"])
+def test_a_request_names_files_only_by_the_operators_artifact_names(tmp_path, client_flags):
+    path = tmp_path / "policy.yaml"
+    path.write_text(f"client_flags: {client_flags}\nartifacts:\n  llava-cmrm: /srv/artifacts/cmrm.safetensors\n")
+    policy = load_policy(path)
+
+    def resolve(defenses):
+        return policy.resolve(vsp.SafetyConfig.from_dict({"defenses": defenses}))[0].defenses
+
+    assert resolve({"cmrm": {"vectors": "llava-cmrm"}})["cmrm"].vectors == "/srv/artifacts/cmrm.safetensors"
+    assert resolve({"eta": {}})["eta"].clip.model == "ViT-L-14-336"  # a default is the operator's, not the request's
+    refused = {
+        "defenses.cmrm.vectors": {"cmrm": {"vectors": "/etc/passwd"}},
+        "defenses.vlm_guard.subspace": {"vlm_guard": {"subspace": "../cmrm.safetensors"}},
+        "defenses.eta.clip.model": {"eta": {"clip": {"model": "/home/someone/clip"}}},
+        "defenses.eta.clip.pretrained": {"eta": {"clip": {"pretrained": "/tmp/weights.pt"}}},
+        "defenses.eta.reward_model.path": {"eta": {"reward_model": {"path": "someone/remote-code-model"}}},
+    }
+    for key, defenses in refused.items():
+        with pytest.raises(vsp.ConfigError, match=rf"{key}: a request names files only by .*'llava-cmrm'"):
+            resolve(defenses)
+
+
+def test_without_artifacts_a_request_names_no_file_and_a_bad_map_is_named(tmp_path):
+    policy = load_policy({"client_flags": "add"})
+    with pytest.raises(vsp.ConfigError, match="defenses.cmrm.vectors: .*the policy lists no `artifacts`"):
+        policy.resolve(vsp.SafetyConfig.from_dict({"defenses": {"cmrm": {"vectors": "cmrm.safetensors"}}}))
+    with pytest.raises(vsp.ConfigError, match="artifacts: expected a mapping of names to file paths"):
+        load_policy({"artifacts": ["cmrm.safetensors"]})

@@ -438,3 +438,15 @@ def test_image_urls_are_fetched_only_where_the_operator_allows_them(servers, tmp
         assert status == 400 and body["error"]["code"] == "image_url_not_allowed"
     finally:
         site.shutdown()
+
+
+def test_under_client_flags_add_a_request_never_makes_the_server_read_a_path(servers, samples, tmp_path):
+    sample = samples["harmful"][0]
+    planted = tmp_path / "planted.safetensors"  # the server would read it, were a request's path taken
+    for flags, param in (
+        ({"defenses": {"cmrm": {"vectors": str(planted)}}}, "vlm_safety.defenses.cmrm.vectors"),
+        ({"defenses": {"vlm_guard": {"subspace": str(planted)}}}, "vlm_safety.defenses.vlm_guard.subspace"),
+    ):
+        with pytest.raises(openai.BadRequestError, match="names files only by the operator's artifact names") as raised:
+            ask(servers["add"], sample.text, sample.image, extra_body={"vlm_safety": flags})
+        assert raised.value.body["param"] == param

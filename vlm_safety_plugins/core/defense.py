@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from transformers import GenerationConfig
     from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+    from ..steering.artifacts import ArtifactStore
     from ..steering.interventions import Intervention
     from .adapters.base import ModelAdapter
     from .report import DefenseRecord
@@ -113,13 +114,26 @@ class DefenseCall(Protocol):
         """The inner transformers generate with every defense's processors, criteria and interventions."""
 
 
+class EngineRow(Protocol):
+    """One request as an inference engine's worker sees it, for building its steering."""
+
+    has_image: bool
+    """Whether the request's prompt holds image tokens."""
+
+    def place(self, artifact: Any, layers: Sequence[int], *, rows: int | None = None) -> dict[int, torch.Tensor]:
+        """``artifact``'s tensors for ``layers`` (first ``rows`` rows) on the engine's device and dtype."""
+
+
 @dataclass(frozen=True)
 class EngineWork:
     """What of a defense an inference engine runs for one request, through our engine plugins
-    (vLLM: a logits processor, a worker extension), instead of the transformers runtime."""
+    (vLLM: a logits processor and decoder-layer hooks), instead of the transformers runtime."""
 
     answer_prefix: str | None = None
     """Text the answer must open with (forced token by token), e.g. ETA's interference prefix."""
+    steering: Callable[[EngineRow], Sequence[Intervention]] | None = None
+    """Builds the request's residual-stream interventions in the engine's worker; validated
+    already, so it cannot fail on a request (None: no steering)."""
 
 
 class Defense:
@@ -146,9 +160,10 @@ class Defense:
         return {}
 
     @classmethod
-    def engine_work(cls, options: Any) -> EngineWork:
-        """What an inference engine (vLLM) runs of this defense with ``options``; by default
-        nothing can: a ConfigError naming the defense, so it never runs there silently weakened."""
+    def engine_work(cls, options: Any, artifacts: ArtifactStore) -> EngineWork:
+        """What an inference engine (vLLM) runs of this defense with ``options``, whose files are
+        in ``artifacts`` (loaded by the engine at its start); a ConfigError naming the key for
+        what cannot run there. By default nothing can: the defense never runs silently weakened."""
         from .errors import ConfigError
 
         raise ConfigError(

@@ -35,12 +35,15 @@ def option(
     max: float | None = None,
     above: float | None = None,
     min_items: int | None = None,
+    names_file: bool = False,
 ) -> Any:
     """A dataclass field with a docstring and an optional range (``above`` is exclusive).
 
     For a list, the range applies to each item and ``min_items`` is the fewest items allowed.
+    ``names_file`` marks a value that names a file or model the process reads (an artifact,
+    a checkpoint): a request may only name one the operator listed (core/policy.py).
     """
-    meta = {"doc": doc, "min": min, "max": max, "above": above, "min_items": min_items}
+    meta = {"doc": doc, "min": min, "max": max, "above": above, "min_items": min_items, "names_file": names_file}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

@@ -11,11 +11,18 @@ own ``vlm_safety`` flags may do:
 
 A request without flags, with ``null``, or with exactly the operator's own flags (a copy of
 the model's generation config, as servers make) runs the operator's defenses. The YAML form
-is a safety config with a top-level ``client_flags`` key::
+is a safety config with two top-level keys of its own, ``client_flags`` and ``artifacts``::
 
     client_flags: add
+    artifacts:                 # names a request may use for files (names_file options)
+      llava-cmrm: artifacts/llava-1.5-7b-hf.cmrm.safetensors
     defenses:
       eta: {...}
+
+A request never makes the process read a path: an option that names a file or a model
+(``option(names_file=True)``: an artifact, a CLIP or reward checkpoint) in a request's flags
+must be the option's default or a name of the policy's ``artifacts``, which the policy
+replaces with the operator's path.
 
 Set with ``attach(model, processor, policy=...)`` (a Policy, a YAML path or a mapping).
 Without a policy, code that calls generate is its own operator: the call's flags decide.
@@ -23,6 +30,7 @@ Without a policy, code that calls generate is its own operator: the call's flags
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,6 +50,8 @@ class Policy:
 
     config: SafetyConfig
     client_flags: Literal["none", "add", "any"] = "none"
+    artifacts: dict[str, str] = field(default_factory=dict)
+    """Names a request may give for files, each the operator's path."""
     origins: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -51,6 +61,10 @@ class Policy:
                 source=self.config.source,
                 path="client_flags",
             )
+        if not isinstance(self.artifacts, Mapping) or not all(
+            isinstance(key, str) and isinstance(value, str) and value for key, value in self.artifacts.items()
+        ):
+            raise ConfigError("expected a mapping of names to file paths", source=self.config.source, path="artifacts")
         object.__setattr__(self, "origins", dict.fromkeys(self.config.defenses, OPERATOR))
 
     def resolve(self, request: SafetyConfig | None) -> tuple[SafetyConfig, dict[str, str]]:
@@ -63,6 +77,7 @@ class Policy:
                 "send the request without `vlm_safety`",
                 source=request.source,
             )
+        request = self._with_operator_files(request)
         if self.client_flags == "any":
             return request, dict.fromkeys(request.defenses, f"{REQUEST} (client_flags: any)")
         taken = [name for name in request.defenses if name in self.config.defenses]
@@ -90,6 +105,33 @@ class Policy:
         )
         return merged, {**self.origins, **dict.fromkeys(request.defenses, REQUEST)}
 
+    def _with_operator_files(self, request: SafetyConfig) -> SafetyConfig:
+        """The request's flags with every file it names replaced by the operator's path for that name."""
+        defenses = {
+            name: self._operator_files(options, f"defenses.{name}", request.source)
+            for name, options in request.defenses.items()
+        }
+        return dataclasses.replace(request, defenses=defenses)
+
+    def _operator_files(self, options, path: str, source: str | None):
+        if not dataclasses.is_dataclass(options):
+            return options
+        changes = {}
+        for f in dataclasses.fields(options):
+            value, key_path = getattr(options, f.name), f"{path}.{f.name}"
+            if dataclasses.is_dataclass(value):
+                changes[f.name] = self._operator_files(value, key_path, source)
+            elif f.metadata.get("names_file") and value != f.default:
+                if value not in self.artifacts:
+                    names = ", ".join(map(repr, sorted(self.artifacts))) or "none: the policy lists no `artifacts`"
+                    raise ConfigError(
+                        f"a request names files only by the operator's artifact names ({names}), got {quote(value)}",
+                        source=source,
+                        path=key_path,
+                    )
+                changes[f.name] = self.artifacts[value]
+        return dataclasses.replace(options, **changes) if changes else options
+
 
 def load_policy(source: str | os.PathLike | Mapping | Policy | SafetyConfig) -> Policy:
     """A Policy from a YAML path or a mapping (a safety config plus ``client_flags``), a
@@ -104,5 +146,5 @@ def load_policy(source: str | os.PathLike | Mapping | Policy | SafetyConfig) -> 
     if not isinstance(source, Mapping):
         raise ConfigError("a policy is a mapping: a safety config with `client_flags`", source=name)
     data = dict(source)
-    client_flags = data.pop("client_flags", "none")
-    return Policy(SafetyConfig.from_dict(data, source=name), client_flags)
+    client_flags, artifacts = data.pop("client_flags", "none"), data.pop("artifacts", None) or {}
+    return Policy(SafetyConfig.from_dict(data, source=name), client_flags, artifacts)

@@ -14,7 +14,8 @@ otherwise: their weights cannot be checked.
 
 A defense defines its kind by subclassing ``Artifact`` (the tensor key prefix, the extra
 metadata, validation); ``defenses/cmrm/artifact.py`` and ``defenses/vlm_guard/artifact.py``
-are the two built-in kinds.
+are the two built-in kinds. ``ArtifactStore`` holds the artifacts an inference engine loaded
+at its start, where no transformers model is at hand to check them against.
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ class Artifact:
 
     kind: ClassVar[str]
     command: ClassVar[str]  # the `vlm-safety calibrate` subcommand that makes it
+    kinds: ClassVar[dict[str, type[Artifact]]] = {}  # every defined kind, for ``read``
     model: ModelIdentity
     anchors: int
     anchor_source: str
@@ -154,6 +156,11 @@ class Artifact:
     _placed: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, init=False, repr=False)
     _checked: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            Artifact.kinds[cls.kind] = cls
 
     @property
     def layers(self) -> list[int]:
@@ -190,34 +197,26 @@ class Artifact:
         return path
 
     @classmethod
+    def read(cls, path: str | Path) -> Artifact:
+        """Read and validate the artifact at ``path``, of whatever kind its metadata says."""
+        from ..core import plugins
+
+        plugins.registry()  # the defenses, and with them every kind they define
+        metadata, _ = _read_file(Path(path).expanduser(), "artifact", "<kind>")
+        kind = Artifact.kinds.get(metadata.get("kind"))
+        if kind is None:
+            raise ArtifactError(
+                f"unknown artifact kind {metadata.get('kind')!r}; known: {', '.join(sorted(Artifact.kinds))}",
+                source=str(path),
+            )
+        return kind.load(path)
+
+    @classmethod
     def load(cls, path: str | Path) -> Artifact:
         """Read and validate an artifact of this class's kind; ArtifactError naming the file otherwise."""
-        from safetensors import safe_open
-
         path = Path(path).expanduser()
-        if not path.exists():
-            raise ArtifactError(
-                f"{cls.kind} artifact file not found; make one with "
-                f"`vlm-safety calibrate {cls.command} --model <model> --out {path}`",
-                source=str(path),
-            )
-        if not path.is_file():
-            raise ArtifactError("not a file", source=str(path))
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = dict(handle.metadata() or {})
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for bad files
-            raise ArtifactError(
-                f"not a readable safetensors file (corrupted or truncated?): {error}", source=str(path)
-            ) from None
+        metadata, tensors = _read_file(path, cls.kind, cls.command)
         reader = MetadataReader(metadata, str(path))
-        if metadata.get("format") != FORMAT:
-            raise ArtifactError(
-                "not a vlm-safety-plugins artifact (its metadata has no "
-                f"format={FORMAT!r}); make one with `vlm-safety calibrate`",
-                source=str(path),
-            )
         version = reader.integer("format_version")
         if version > FORMAT_VERSION:
             raise ArtifactError(
@@ -270,32 +269,42 @@ class Artifact:
         ``allow_other_weights`` skips the weights check (same architecture still required) and
         accepts an artifact that records no fingerprint."""
         check_weights = not allow_other_weights and self.model.weights_fingerprint is not None
-        actual, mine = ModelIdentity.of(adapter, weights=check_weights), self.model
-        source, recalibrate = self.path or "<unsaved artifact>", f"`vlm-safety calibrate {self.command}`"
+        self.check_identity(ModelIdentity.of(adapter, weights=check_weights))
+        if not allow_other_weights and self.model.weights_fingerprint is None:
+            raise ArtifactError(
+                "records no weights fingerprint (made before artifacts recorded one), so the weights it was "
+                f"calibrated on cannot be checked; recalibrate with `vlm-safety calibrate {self.command}`"
+                + ALLOW_OTHER_WEIGHTS_HINT,
+                source=self.path or "<unsaved artifact>",
+            )
+
+    def check_identity(self, actual: ModelIdentity) -> None:
+        """Raise ArtifactError unless made for a model like ``actual``: its architecture, and its
+        weights where both record a fingerprint."""
+        mine = self.model
         checks = [
             ("hidden size", actual.hidden_size, mine.hidden_size),
             ("decoder layers", actual.num_layers, mine.num_layers),
             ("config hash", actual.config_hash, mine.config_hash),
         ]
-        if check_weights:
+        if actual.weights_fingerprint is not None and mine.weights_fingerprint is not None:
             checks.append(("weights fingerprint", actual.weights_fingerprint, mine.weights_fingerprint))
-        mismatches = [
-            f"{what} {theirs} here, {ours} in the artifact" for what, theirs, ours in checks if theirs != ours
-        ]
+        mismatches = [(what, theirs, ours) for what, theirs, ours in checks if theirs != ours]
         if mismatches:
+            text = "; ".join(f"{what} {theirs} here, {ours} in the artifact" for what, theirs, ours in mismatches)
+            only_weights = [what for what, _, _ in mismatches] == ["weights fingerprint"]
             raise ArtifactError(
                 f"made for another model ({mine.name}, {mine.model_type}); this model "
-                f"({actual.name}, {actual.model_type}) differs: {'; '.join(mismatches)}. "
-                f"Calibrate one for this model with {recalibrate}"
-                + ("" if len(mismatches) > 1 or not check_weights else ALLOW_OTHER_WEIGHTS_HINT),
-                source=source,
+                f"({actual.name}, {actual.model_type}) differs: {text}. "
+                f"Calibrate one for this model with `vlm-safety calibrate {self.command}`"
+                + (ALLOW_OTHER_WEIGHTS_HINT if only_weights else ""),
+                source=self.path or "<unsaved artifact>",
             )
-        if not allow_other_weights and mine.weights_fingerprint is None:
-            raise ArtifactError(
-                "records no weights fingerprint (made before artifacts recorded one), so the weights it was "
-                f"calibrated on cannot be checked; recalibrate with {recalibrate}" + ALLOW_OTHER_WEIGHTS_HINT,
-                source=source,
-            )
+
+    def place(self, layers, *, rows: int | None = None, device=None, dtype=None) -> dict[int, torch.Tensor]:
+        """``layers``' tensors (their first ``rows`` rows, for bases) on ``device`` in ``dtype``."""
+        tensors = self._tensors_by_layer()
+        return {layer: tensors[layer][slice(rows)].to(device=device, dtype=dtype) for layer in layers}
 
     def on_model(
         self, adapter, layers, *, rows: int | None = None, allow_other_weights: bool = False
@@ -347,6 +356,73 @@ class Artifact:
 
     def _validate(self, source: str) -> None:
         """Kind-specific checks of the loaded tensors against the metadata."""
+
+
+def _read_file(path: Path, kind: str, command: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file; ArtifactError naming the file when there is none."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        raise ArtifactError(
+            f"{kind} artifact file not found; make one with `vlm-safety calibrate {command} --model <model> "
+            f"--out {path}`",
+            source=str(path),
+        )
+    if not path.is_file():
+        raise ArtifactError("not a file", source=str(path))
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for bad files
+        raise ArtifactError(
+            f"not a readable safetensors file (corrupted or truncated?): {error}", source=str(path)
+        ) from None
+    if metadata.get("format") != FORMAT:
+        raise ArtifactError(
+            f"not a vlm-safety-plugins artifact (its metadata has no format={FORMAT!r}); make one with "
+            "`vlm-safety calibrate`",
+            source=str(path),
+        )
+    return metadata, tensors
+
+
+class ArtifactStore:
+    """The artifacts an inference engine loaded, by path, each checked against the engine's model.
+
+    An engine loads the operator's artifacts when it starts (``load``) and a request's
+    resolved flags name them (``get``); a path comes only from the operator's policy, never
+    from a request (core/policy.py). The engine's model is checked by architecture (hidden
+    size, layer count, config hash): an engine's weights are laid out its own way (fused,
+    sharded), so their fingerprint cannot be taken there.
+    """
+
+    def __init__(self, identity: ModelIdentity | None = None):
+        self.identity = identity
+        self._items: dict[str, Artifact] = {}
+        self._lock = threading.Lock()
+
+    def load(self, path: str) -> Artifact:
+        """The artifact at ``path``, read and checked once."""
+        with self._lock:
+            if path not in self._items:
+                artifact = Artifact.read(path)
+                if self.identity is not None:
+                    artifact.check_identity(self.identity)
+                self._items[path] = artifact
+            return self._items[path]
+
+    def get(self, path: str, kind: type[Artifact], *, option: str) -> Artifact:
+        """The artifact at ``path``, which must be of ``kind``; ConfigError at ``option`` otherwise."""
+        from ..core.errors import ConfigError
+
+        try:
+            artifact = self.load(path)
+        except ArtifactError as error:
+            raise ConfigError(error.reason, path=option) from None
+        if not isinstance(artifact, kind):
+            raise ConfigError(f"names a {artifact.kind!r} artifact, expected a {kind.kind!r} one", path=option)
+        return artifact
 
 
 class MetadataReader:

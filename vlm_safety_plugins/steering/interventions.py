@@ -44,6 +44,19 @@ SCOPE_DOC = (
 )
 
 
+def check_engine_scope(scope: str, *, path: str) -> None:
+    """Inside an inference engine, a scope that edits prompt positions before the last is refused:
+    with prefix caching, those positions' KV may come from a request steered otherwise."""
+    from ..core.errors import ConfigError
+
+    if scope == "all":
+        raise ConfigError(
+            "`scope: all` cannot run inside the inference engine: prefix caching may reuse prompt KV "
+            "computed without this steering; use `last_prompt_and_generated`, `generated` or `last_prompt`",
+            path=path,
+        )
+
+
 class Gate:
     """A per-row switch decided on the last prompt token's state at ``layer``.
 
@@ -227,8 +240,12 @@ class ActiveInterventions:
         """Per-input-row gate decisions (after prefill), or None if the gate has not been evaluated."""
         return self.gate_open.get(id(intervention))
 
-    def __call__(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        start = self.seen.get(layer, self.start_position)
+    def __call__(self, layer: int, hidden: torch.Tensor, *, start: int | None = None) -> torch.Tensor:
+        """The edited ``hidden`` (rows × t × d) of ``layer``; ``start``, the position of its first
+        token, defaults to the positions this layer has seen (an engine that schedules chunks and
+        recomputes after preemption gives it)."""
+        if start is None:
+            start = self.seen.get(layer, self.start_position)
         length = hidden.shape[1]
         self.seen[layer] = start + length
         rows = self._row_index(hidden.shape[0], hidden.device)

@@ -23,11 +23,11 @@ from typing import Literal
 
 import torch
 
-from ...core.defense import Defense
+from ...core.defense import Defense, EngineWork
 from ...core.errors import ArtifactError, ConfigError, DefenseError
 from ...core.options import option
 from ...core.report import MODIFIED
-from ...steering.interventions import SCOPE_DOC, SCOPES, AddVector
+from ...steering.interventions import SCOPE_DOC, SCOPES, AddVector, check_engine_scope
 from .artifact import CmrmVectors
 from .calibration import CORRUPTIONS, modality_shift
 
@@ -40,6 +40,7 @@ class CmrmOptions:
         None,
         doc="Dataset-level artifact from `vlm-safety calibrate cmrm` (a .safetensors "
         "path, relative to the working directory); required for `level: dataset`.",
+        names_file=True,
     )
     level: Literal["dataset", "sample"] = option(
         "dataset",
@@ -85,6 +86,22 @@ class CmrmOptions:
             )
 
 
+def _alpha(options: CmrmOptions) -> float:
+    return DEFAULT_ALPHA[options.level] if options.alpha is None else options.alpha
+
+
+def _check_artifact(options: CmrmOptions, artifact: CmrmVectors) -> None:
+    """The options' layers and corruption fit the dataset-level artifact; ArtifactError otherwise."""
+    if options.layers is not None:
+        artifact.check_layers(options.layers, what="defenses.cmrm.layers")
+    if options.corrupt not in (None, artifact.corruption):
+        raise ArtifactError(
+            f"defenses.cmrm.corrupt is {options.corrupt!r}, but the artifact was computed "
+            f"with {artifact.corruption!r} images",
+            source=artifact.path,
+        )
+
+
 class Cmrm(Defense):
     """Steers image rows' hidden states back towards their text-only counterparts."""
 
@@ -94,20 +111,37 @@ class Cmrm(Defense):
 
     def __init__(self, options, resources):
         super().__init__(options, resources)
-        self.alpha = DEFAULT_ALPHA[options.level] if options.alpha is None else options.alpha
+        self.alpha = _alpha(options)
         self.artifact = None
         self.corrupt = options.corrupt or "blank"
         if options.level == "dataset":
             self.artifact = CmrmVectors.load(options.vectors)
-            if options.layers is not None:
-                self.artifact.check_layers(options.layers, what="defenses.cmrm.layers")
-            if options.corrupt not in (None, self.artifact.corruption):
-                raise ArtifactError(
-                    f"defenses.cmrm.corrupt is {options.corrupt!r}, but the artifact was computed "
-                    f"with {self.artifact.corruption!r} images",
-                    source=self.artifact.path,
-                )
+            _check_artifact(options, self.artifact)
             self.corrupt = self.artifact.corruption
+
+    @classmethod
+    def engine_work(cls, options, artifacts):
+        """Inside an inference engine: dataset level, the artifact's vectors added on image rows."""
+        if options.level == "sample":
+            raise ConfigError(
+                "sample-level CMRM needs two extra prefill passes per request, which the inference engine "
+                "does not run; use `level: dataset` with an artifact from `vlm-safety calibrate cmrm`",
+                path="defenses.cmrm.level",
+            )
+        check_engine_scope(options.scope, path="defenses.cmrm.scope")
+        artifact = artifacts.get(options.vectors, CmrmVectors, option="defenses.cmrm.vectors")
+        try:
+            _check_artifact(options, artifact)
+        except ArtifactError as error:
+            raise ConfigError(error.reason, path="defenses.cmrm") from None
+        alpha, layers = _alpha(options), sorted(set(options.layers or artifact.layers))
+
+        def steering(row):
+            if alpha == 0 or not row.has_image:
+                return []
+            return [AddVector(row.place(artifact, layers), alpha=alpha, scope=options.scope)]
+
+        return EngineWork(steering=steering)
 
     @classmethod
     def conformance_options(cls, model, processor, workdir):

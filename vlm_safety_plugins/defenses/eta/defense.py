@@ -34,8 +34,11 @@ class ClipOptions:
     model: str = option(
         "ViT-L-14-336",
         doc="open_clip model name, or a transformers hub id / local path; `tiny-clip` builds the offline test model.",
+        names_file=True,
     )
-    pretrained: str | None = option("openai", doc="open_clip pretrained tag (ignored by transformers).")
+    pretrained: str | None = option(
+        "openai", doc="open_clip pretrained tag or checkpoint file (ignored by transformers).", names_file=True
+    )
     device: str | None = option(None, doc="Device for CLIP; default: the VLM's device.")
 
 
@@ -45,6 +48,7 @@ class RewardModelOptions:
     path: str = option(
         "RLHFlow/ArmoRM-Llama3-8B-v0.1",
         doc="Reward model hub id or local path; `tiny-reward-model` builds the offline test model.",
+        names_file=True,
     )
     trust_remote_code: bool = option(
         False,
@@ -118,7 +122,7 @@ class Eta(Defense):
         }
 
     @classmethod
-    def engine_work(cls, options):
+    def engine_work(cls, options, artifacts):
         """Inside an inference engine, only the interference prefix: the evaluation (CLIP, reward)
         and the best-of-N search need the whole answer and run in front of the engine, which
         asks the engine for the prefix on the rows it judged unsafe (``alignment: shallow_only``)."""

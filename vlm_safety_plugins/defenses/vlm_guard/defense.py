@@ -23,11 +23,11 @@ from typing import Literal
 
 import torch
 
-from ...core.defense import Defense
-from ...core.errors import ArtifactError
+from ...core.defense import Defense, EngineWork
+from ...core.errors import ArtifactError, ConfigError
 from ...core.options import option
 from ...core.report import MODIFIED
-from ...steering.interventions import SCOPE_DOC, SCOPES, AddPromptProjection, Gate, ProjectOut
+from ...steering.interventions import SCOPE_DOC, SCOPES, AddPromptProjection, Gate, ProjectOut, check_engine_scope
 from .artifact import SafetySubspace
 
 MODES = ("project_out", "gated_amplify", "both")
@@ -36,7 +36,8 @@ MODES = ("project_out", "gated_amplify", "both")
 @dataclass(frozen=True)
 class VlmGuardOptions:
     subspace: str = option(
-        doc="Artifact from `vlm-safety calibrate vlm-guard` (a .safetensors path, relative to the working directory)."
+        doc="Artifact from `vlm-safety calibrate vlm-guard` (a .safetensors path, relative to the working directory).",
+        names_file=True,
     )
     mode: Literal[MODES] = option(
         "project_out",
@@ -82,6 +83,44 @@ class VlmGuardOptions:
     )
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """The options resolved against the artifact: what both the transformers path and an engine steer."""
+
+    layers: list[int]
+    rank: int
+    gate_layer: int
+    tau: float
+    amplify: bool
+
+    @classmethod
+    def of(cls, options: VlmGuardOptions, artifact: SafetySubspace) -> _Settings:
+        """ArtifactError when the options ask for layers or a rank the artifact does not have."""
+        layers = sorted(set(options.layers)) if options.layers is not None else list(artifact.default_layers)
+        artifact.check_layers(layers, what="defenses.vlm_guard.layers")
+        rank = artifact.rank if options.rank is None else options.rank
+        if rank > artifact.rank:
+            raise ArtifactError(
+                f"defenses.vlm_guard.rank is {rank}, but the artifact has rank {artifact.rank}", source=artifact.path
+            )
+        gate_layer = min(layers) if options.gate_layer is None else options.gate_layer
+        artifact.check_layers([gate_layer], what="defenses.vlm_guard.gate_layer")
+        tau = artifact.thresholds[gate_layer] if options.tau is None else options.tau
+        return cls(layers, rank, gate_layer, tau, options.mode in ("gated_amplify", "both") and options.alpha > 0)
+
+    def interventions(self, options, bases, direction, decide, rows) -> list:
+        """The edits for one call: project out and/or a gated push, on ``rows`` (None: all)."""
+        where = dict(scope=options.scope, rows=rows)
+        interventions = []
+        if options.mode in ("project_out", "both"):
+            interventions.append(ProjectOut(bases, **where))
+        if self.amplify:
+            direction = direction.float()
+            gate = Gate(self.gate_layer, lambda state: decide(state.float() @ direction.to(state.device)))
+            interventions.append(AddPromptProjection(bases, alpha=options.alpha, gate=gate, **where))
+        return interventions
+
+
 class VlmGuard(Defense):
     """Removes, or amplifies on gated rows, the hidden states' part in the safety subspace."""
 
@@ -91,19 +130,29 @@ class VlmGuard(Defense):
 
     def __init__(self, options, resources):
         super().__init__(options, resources)
-        artifact = self.artifact = SafetySubspace.load(options.subspace)
-        self.layers = sorted(set(options.layers)) if options.layers is not None else list(artifact.default_layers)
-        artifact.check_layers(self.layers, what="defenses.vlm_guard.layers")
-        self.rank = artifact.rank if options.rank is None else options.rank
-        if self.rank > artifact.rank:
-            raise ArtifactError(
-                f"defenses.vlm_guard.rank is {self.rank}, but the artifact has rank {artifact.rank}",
-                source=artifact.path,
-            )
-        self.gate_layer = min(self.layers) if options.gate_layer is None else options.gate_layer
-        artifact.check_layers([self.gate_layer], what="defenses.vlm_guard.gate_layer")
-        self.tau = artifact.thresholds[self.gate_layer] if options.tau is None else options.tau
-        self.amplify = options.mode in ("gated_amplify", "both") and options.alpha > 0
+        self.artifact = SafetySubspace.load(options.subspace)
+        self.settings = _Settings.of(options, self.artifact)
+        self.layers, self.rank = self.settings.layers, self.settings.rank
+        self.gate_layer, self.tau = self.settings.gate_layer, self.settings.tau
+
+    @classmethod
+    def engine_work(cls, options, artifacts):
+        """Inside an inference engine: the same edits, the gate deciding ``p·v1 > τ`` per request."""
+        check_engine_scope(options.scope, path="defenses.vlm_guard.scope")
+        artifact = artifacts.get(options.subspace, SafetySubspace, option="defenses.vlm_guard.subspace")
+        try:
+            settings = _Settings.of(options, artifact)
+        except ArtifactError as error:
+            raise ConfigError(error.reason, path="defenses.vlm_guard") from None
+
+        def steering(row):
+            if not (options.text_only or row.has_image):
+                return []
+            bases = row.place(artifact, settings.layers, rows=settings.rank)
+            direction = row.place(artifact, [settings.gate_layer], rows=1)[settings.gate_layer][0]
+            return settings.interventions(options, bases, direction, lambda projection: projection > settings.tau, None)
+
+        return EngineWork(steering=steering)
 
     @classmethod
     def conformance_options(cls, model, processor, workdir):
@@ -127,24 +176,20 @@ class VlmGuard(Defense):
             record.details.update(mode=options.mode, layers=self.layers, rank=self.rank, alpha=options.alpha)
             if record.ran and options.mode != "gated_amplify":
                 record.decision = MODIFIED
-            if record.ran and self.amplify:
+            if record.ran and self.settings.amplify:
                 record.details.update(gate_layer=self.gate_layer, tau=self.tau)
         if not any(steered):
             return []
-        where = dict(scope=options.scope, rows=None if all(steered) else steered)
-        interventions = []
-        if options.mode in ("project_out", "both"):
-            interventions.append(ProjectOut(bases, **where))
-        if self.amplify:
-            placed = self.artifact.on_model(call.adapter, [self.gate_layer], rows=1, allow_other_weights=allow)
-            direction = placed[self.gate_layer][0]
-            gate = Gate(self.gate_layer, lambda state: self._decide(call, steered, direction, state))
-            interventions.append(AddPromptProjection(bases, alpha=options.alpha, gate=gate, **where))
-        return interventions
+        placed = self.artifact.on_model(call.adapter, [self.gate_layer], rows=1, allow_other_weights=allow)
+        direction = placed[self.gate_layer][0]
+        rows = None if all(steered) else steered
+        return self.settings.interventions(
+            options, bases, direction, lambda projection: self._decide(call, steered, projection), rows
+        )
 
-    def _decide(self, call, steered: list[bool], direction: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """The gate: ``p·v1 > τ`` per input row; records each row's projection and decision."""
-        projection = state.float() @ direction.to(state.device, torch.float32)
+    def _decide(self, call, steered: list[bool], projection: torch.Tensor) -> torch.Tensor:
+        """The gate: ``p·v1 > τ`` per input row (the projection in float32); records each row's projection
+        and decision."""
         fired = projection > self.tau
         for row, on in enumerate(steered):
             record = call.record(self.name, row)
