@@ -69,6 +69,7 @@ def vllm_engine(args, folder: Path, artifacts: dict, policy_file: Path):
         str(folder),
         dtype=args.dtype,
         enforce_eager=True,
+        enable_prefix_caching=False,  # every request prefills its image: the cost measured is steering's
         max_model_len=1024,
         limit_mm_per_prompt={"image": 1},
         seed=0,
@@ -125,7 +126,6 @@ def main() -> None:
     for key, value in PRESETS[args.device].items():
         setattr(args, key, getattr(args, key) or value)
     if args.device == "cpu":
-        torch.set_num_threads(1)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -146,17 +146,18 @@ def main() -> None:
                 rows.append((load, name, seconds, timings["plain"]))
                 print(f"{load:>2} requests  {name:<24} {seconds:8.3f} s  {load * args.tokens / seconds:8.1f} tok/s")
 
+    threads = "; vLLM binds the OpenMP threads, the transformers rows run in the same process"
     lines = [
         "# Steering inside vLLM: throughput and latency",
         "",
         f"`python benchmarks/vllm_steering.py{' --device cuda' if args.device == 'cuda' else ''}` on "
-        f"{device_name(args.device)} ({os.cpu_count()} cores{', 1 torch thread' if args.device == 'cpu' else ''}). "
-        f"Random LLaVA (`sized_llava`: {args.layers} layers, hidden {args.hidden}, {args.dtype}, 576 image tokens), "
-        f"in-process vLLM {_vllm_version()} in eager mode; each request one image, {args.tokens} greedy tokens "
-        "(EOS ignored); `N` requests submitted together, so latency is the batch's wall time. CMRM: dataset "
-        "level, α = 1 on every layer; VLM-Guard: `project_out`, rank 2, its default layers. Medians of "
-        f"{args.repeats} interleaved rounds; ratios against plain vLLM at the same load in the same run "
-        "(throughput ratio = plain latency / latency).",
+        f"{device_name(args.device)} ({os.cpu_count()} cores{threads if args.device == 'cpu' else ''}). "
+        f"Random LLaVA (`sized_llava`: {args.layers} layers, hidden {args.hidden}, {args.dtype}, 576 image "
+        f"tokens), in-process vLLM {_vllm_version()} in eager mode, prefix caching off; each request one image, "
+        f"{args.tokens} greedy tokens (EOS ignored); `N` requests submitted together, so latency is the batch's "
+        "wall time. CMRM: dataset level, α = 1 on every layer; VLM-Guard: `project_out`, rank 2, its default "
+        f"layers. Medians of {args.repeats} interleaved rounds; ratios against plain vLLM at the same load in the "
+        "same run (throughput ratio = plain latency / latency).",
         "",
         "| requests | engine, defense | latency (s) | tokens/s | throughput vs plain vLLM |",
         "|---:|---|---:|---:|---:|",

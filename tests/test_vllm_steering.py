@@ -222,6 +222,10 @@ def test_under_an_operator_policy_every_request_is_steered(subject, engine_env, 
         for bypass in ({}, {"defenses": {}}, {"defenses": CMRM}):
             with pytest.raises(VLLMValidationError, match="does not accept flags"):
                 subject.vllm([harmful], [json.dumps(bypass)])
+        use_policy(engine_env, tmp_path, {"client_flags": "add", "defenses": subject.with_paths(CMRM)})
+        assert subject.vllm([harmful] * 3, [None, json.dumps({}), flags({})]) == asked * 3
+        with pytest.raises(VLLMValidationError, match="set by the operator's policy"):
+            subject.vllm([harmful], [flags({"cmrm": {"level": "sample", "alpha": 0.0}})])
     finally:
         use_policy(engine_env, tmp_path, {"client_flags": "any", "artifacts": subject.artifacts})
 
@@ -288,6 +292,8 @@ def test_the_cache_salt_follows_the_steering_configuration(subject, engine_env, 
     assert salt({"cmrm": {"vectors": "/etc/passwd"}}) is None  # refused by validate_params instead
     body = {"messages": [], "cache_salt": "tenant-7", "vllm_xargs": {"vlm_safety": flags(CMRM)}}
     assert json.loads(salted_body(json.dumps(body).encode()))["cache_salt"] == f"tenant-7|{salt(CMRM)}"
+    long = json.loads(salted_body(json.dumps({**body, "cache_salt": "t" * 120}).encode()))["cache_salt"]
+    assert len(long) <= 128 and long not in (salt(CMRM), "t" * 120)  # still both, within vLLM's limit
     assert salted_body(b"{not json") is None and salted_body(b'{"messages": []}') is None
     use_policy(engine_env, tmp_path, {"defenses": subject.with_paths(CMRM)})  # client_flags: none
     try:

@@ -230,8 +230,17 @@ class ActiveInterventions:
                 self._read_layers.add(intervention.gate.layer)
             if intervention.reads_prompt_state:
                 self._read_layers.update(intervention.layers)
+        self.layers = frozenset(self._read_layers.union(*(i.layers for i in self.interventions)))
+        """Every layer these interventions edit or read: a hook on any other has nothing to do."""
         self._positions = {
             id(intervention): intervention.positions(prompt_length) for intervention in self.interventions
+        }
+        self.first_position = {  # layer -> the first position it edits or reads: nothing before it matters
+            layer: min(
+                [self._positions[id(i)][0] for i in self.interventions if layer in i.layers]
+                + ([prompt_length - 1] if layer in self._read_layers else [])
+            )
+            for layer in self.layers
         }
         self._row_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._keep_cache: dict[tuple[int, int], tuple[torch.Tensor | None, bool]] = {}
@@ -275,6 +284,38 @@ class ActiveInterventions:
             if first > 0 or end < length:
                 edited = torch.cat([hidden[:, :first], edited, hidden[:, end:]], dim=1)
             hidden = edited
+        return hidden
+
+    @staticmethod
+    def step_together(states: Sequence[ActiveInterventions], layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Edit ``hidden`` (n × 1 × d): one token past the prompt of each of ``states``, n calls of one
+        input row each that share their interventions (an engine's requests steered alike), as n
+        separate calls would; each state's gates and prompt-derived edits are its own.
+
+        Returns ``hidden`` itself when nothing applies."""
+        singles = torch.zeros(len(states), dtype=torch.long, device=hidden.device)  # each call's only row
+        for intervention in states[0].interventions:
+            if layer not in intervention.layers or intervention.scope == "last_prompt":  # it ends with the prompt
+                continue
+            if intervention.gate is None and intervention.rows is None and not intervention.reads_prompt_state:
+                hidden = intervention.edit(layer, hidden, singles)  # every call edits this token alike
+                continue
+            kept = [state._rows_to_edit(intervention, singles[:1]) for state in states]
+            keep = torch.tensor([any_kept and (mask is None or bool(mask[0])) for mask, any_kept in kept])
+            if intervention.reads_prompt_state:
+                derived = [state.derived.get((id(intervention), layer)) for state in states]
+                keep &= torch.tensor([value is not None for value in derived])
+            if not bool(keep.any()):
+                continue
+            if intervention.reads_prompt_state:
+                filler = next(value for value in derived if value is not None)
+                stacked = torch.cat([filler if value is None else value for value in derived])
+                edited = intervention.edit(
+                    layer, hidden, torch.arange(len(states), device=hidden.device), derived=stacked
+                )
+            else:
+                edited = intervention.edit(layer, hidden, singles)  # shared tensors: each call's row 0
+            hidden = edited if bool(keep.all()) else torch.where(keep.to(hidden.device)[:, None, None], edited, hidden)
         return hidden
 
     def _row_index(self, n: int, device: torch.device) -> torch.Tensor:

@@ -74,14 +74,15 @@ class SafetyLogitsProcessor(LogitsProcessor):
 
     def _new_request(self, params: SamplingParams, prompt_ids, output_ids: list[int]) -> _RequestWork | None:
         engine = steering.engine(self._vllm_config)
-        work = requests.engine_work(params.extra_args, engine.artifacts if engine is not None else None)
+        config = requests.resolved_config(params.extra_args)
+        work = requests.resolved_work(config, engine.artifacts if engine is not None else requests.frontend_artifacts())
         if work is None:
             return None
         edits = None
         if work.steering is not None:
             if engine is None:  # check_engine let steering through without hooks: never answer unsteered
                 raise RuntimeError("vlm-safety steering requested, but no steering hooks are installed")
-            edits = engine.row(prompt_ids, work.steering)
+            edits = engine.row(prompt_ids, work.steering, config.cache_key())
         prefix = self._prefix_ids(work.answer_prefix) if work.answer_prefix is not None else []
         return _RequestWork(prefix, output_ids, edits) if prefix or edits is not None else None
 

@@ -22,6 +22,7 @@ from ..core.errors import ConfigError
 from . import requests
 
 SALTED_PATHS = ("/v1/chat/completions", "/v1/completions")
+MAX_SALT = 128  # vLLM refuses a longer cache_salt
 
 
 def cache_salt(extra_args: Mapping[str, Any] | None) -> str | None:
@@ -33,7 +34,11 @@ def cache_salt(extra_args: Mapping[str, Any] | None) -> str | None:
         return None
     if work is None or work.steering is None:
         return None
-    return "vlm-safety:" + hashlib.sha256(config.cache_key().encode()).hexdigest()[:32]
+    return _salt(config.cache_key())
+
+
+def _salt(text: str) -> str:
+    return "vlm-safety:" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def salted_body(body: bytes) -> bytes | None:
@@ -48,7 +53,9 @@ def salted_body(body: bytes) -> bytes | None:
     if salt is None:
         return None
     own = data.get("cache_salt")
-    data["cache_salt"] = f"{own}|{salt}" if isinstance(own, str) and own else salt
+    if isinstance(own, str) and own:  # both kept: a joined one, hashed where it passes vLLM's 128 characters
+        salt = f"{own}|{salt}" if len(own) + 1 + len(salt) <= MAX_SALT else _salt(f"{own}|{salt}")
+    data["cache_salt"] = salt
     return json.dumps(data).encode()
 
 

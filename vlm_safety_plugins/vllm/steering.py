@@ -13,9 +13,10 @@ an edited layer returns ``(edited stream, 0)``, which the next layer's fused add
 final norm read exactly as the unedited pair.
 
 The hooks come in through vLLM's ``vllm.general_plugins`` entry point (``register``): when
-the operator's policy enables steering (a steering defense, or a ``.safetensors`` artifact
-among its ``artifacts``), the supported architectures are registered as subclasses whose
-constructor installs the hooks, in every vLLM process. A worker extension
+the operator's policy enables steering (a steering defense, or a steering artifact among
+its ``artifacts``), the supported architectures are registered as subclasses whose
+constructor installs the hooks, in every vLLM process; the logits processor registers them
+again when the worker builds it, before the model loads. A worker extension
 (``--worker-extension-cls``) cannot do this: vLLM 0.32 lets one add methods only, reachable
 through ``collective_rpc``, which ``vllm serve`` does not expose.
 """
@@ -28,7 +29,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..core.errors import ConfigError
+from ..core.errors import ArtifactError, ConfigError
 from ..steering.artifacts import ArtifactStore, ModelIdentity, config_hash
 from ..steering.interventions import ActiveInterventions
 from . import requests
@@ -39,18 +40,32 @@ STEERABLE = {  # vLLM architecture name -> the module of vLLM's class for it
     "Gemma3ForConditionalGeneration": "vllm.model_executor.models.gemma3_mm",
 }
 _ENGINES: dict[str, EngineSteering] = {}  # model path -> its engine's steering, in this process
+MAX_PLANS = 256  # steering configurations an engine keeps built
 
 
 def steering_enabled() -> bool:
     """Whether the operator's policy can steer: a steering defense of its own, or a steering artifact
-    (a ``.safetensors`` file) among the names a request may use."""
+    among the names a request may use."""
     policy = requests.operator_policy()
     if policy is None:
         return False
-    if any(path.endswith(".safetensors") for path in policy.artifacts.values()):
+    if artifact_paths(policy):
         return True
     work = requests.resolved_work(policy.config, requests.frontend_artifacts())
     return work is not None and work.steering is not None
+
+
+def artifact_paths(policy) -> list[str]:
+    """The files of the policy's ``artifacts`` that are steering artifacts (others name models, e.g.
+    a CLIP checkpoint for a gateway in front)."""
+    paths = []
+    for path in policy.artifacts.values():
+        try:
+            requests.frontend_artifacts().load(path)
+        except ArtifactError:
+            continue
+        paths.append(path)
+    return paths
 
 
 def register() -> None:
@@ -61,7 +76,9 @@ def register() -> None:
     from vllm import ModelRegistry
 
     for architecture, module in STEERABLE.items():
-        ModelRegistry.register_model(architecture, steerable(getattr(importlib.import_module(module), architecture)))
+        model_class = steerable(getattr(importlib.import_module(module), architecture))
+        if getattr(ModelRegistry.models.get(architecture), "model_cls", None) is not model_class:  # once a process
+            ModelRegistry.register_model(architecture, model_class)
 
 
 @functools.cache
@@ -92,6 +109,8 @@ def check_engine(vllm_config) -> None:
             f"the operator's policy ({requests.POLICY_ENV}) enables steering, which needs vLLM's eager mode: "
             "start it with --enforce-eager (forward hooks do not run inside compiled graphs)"
         )
+    register()  # the worker builds its logits processors before it loads the model: hooked even where
+    # VLLM_PLUGINS leaves the general plugin out
 
 
 def engine(vllm_config) -> EngineSteering | None:
@@ -110,6 +129,7 @@ class EngineSteering:
         self.image_token, self.device, self.dtype = image_token, device, dtype
         self.rows: Mapping[int, ActiveInterventions] = {}  # persistent batch row -> its request's edits
         self._placed: dict[tuple, dict[int, torch.Tensor]] = {}
+        self._plans: dict[tuple[str, bool], tuple] = {}  # (steering configuration, has image) -> interventions
         self._spans: tuple[object, list[tuple[int, int, int, int]]] | None = None
         for index, layer in enumerate(layers):
             layer.register_forward_hook(functools.partial(self._hook, index))
@@ -134,18 +154,22 @@ class EngineSteering:
         steering = cls(layers, identity, image_token, device, vllm_config.model_config.dtype)
         policy = requests.operator_policy()
         if policy is not None:
-            for path in policy.artifacts.values():
-                if path.endswith(".safetensors"):
-                    steering.artifacts.load(path)
+            for path in artifact_paths(policy):
+                steering.artifacts.load(path)
             requests.resolved_work(policy.config, steering.artifacts)  # the policy's own artifacts, checked
         _ENGINES[str(vllm_config.model_config.model)] = steering
 
-    def row(self, prompt_ids, steering) -> ActiveInterventions | None:
-        """The edits of a request joining the batch (None: it has none)."""
-        interventions = steering(_Row(self, self.image_token in prompt_ids))
-        if not interventions:
-            return None
-        return ActiveInterventions(self, interventions, prompt_length=len(prompt_ids), batch_size=1)
+    def row(self, prompt_ids, steering, key: str) -> ActiveInterventions | None:
+        """The edits of a request joining the batch (None: it has none). Requests whose steering
+        configurations (``key``) and image-ness match share one plan of interventions, so their
+        generated tokens are edited together."""
+        has_image = self.image_token in prompt_ids
+        if (key, has_image) not in self._plans:
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            self._plans[key, has_image] = tuple(steering(_Row(self, has_image)))
+        plan = self._plans[key, has_image]
+        return ActiveInterventions(self, plan, prompt_length=len(prompt_ids), batch_size=1) if plan else None
 
     def place(self, artifact, layers, rows) -> dict[int, torch.Tensor]:
         key = (artifact.path, tuple(layers), rows)
@@ -154,27 +178,38 @@ class EngineSteering:
         return self._placed[key]
 
     def _hook(self, index, module, args, output):
+        """Edit each steered row's tokens in place: ``hidden ← edited stream``, ``residual ← 0``.
+
+        Both are this layer's own output buffers (vLLM's fused add-norms update them in place
+        too), so only the edited rows are written; nothing of the batch is copied."""
         if not self.rows:
             return None
-        spans = self._row_spans()
-        if not spans:
-            return None
         hidden, residual = output
-        stream = hidden if residual is None else hidden + residual
-        edited_any = False
-        for row, first, end, start in spans:
+        generated: dict[int, tuple[list[int], list[ActiveInterventions]]] = {}  # plan -> its decoding rows
+        for row, first, end, start in self._row_spans():
             state = self.rows.get(row)
-            if state is None:
+            if state is None or index not in state.layers:
                 continue
-            span = stream[first:end].unsqueeze(0)
-            edited = state(index, span, start=start)
+            if end - first == 1 and start >= state.prompt_length:  # one generated token: with its plan's others
+                tokens, states = generated.setdefault(id(state.interventions[0]), ([], []))
+                tokens.append(first)
+                states.append(state)
+                continue
+            skip = max(0, state.first_position[index] - start)  # a prompt's tokens before any edit or read
+            if first + skip >= end:
+                continue
+            where = slice(first + skip, end)
+            span = _stream(hidden, residual, where).unsqueeze(0)
+            edited = state(index, span, start=start + skip)
             if edited is not span:
-                if not edited_any:
-                    stream, edited_any = stream.clone(), True
-                stream[first:end] = edited[0]
-        if not edited_any:
-            return None
-        return stream, torch.zeros_like(stream)
+                _write(hidden, residual, where, edited[0])
+        for tokens, states in generated.values():
+            where = torch.tensor(tokens, device=hidden.device)
+            span = _stream(hidden, residual, where).unsqueeze(1)
+            edited = ActiveInterventions.step_together(states, index, span)
+            if edited is not span:
+                _write(hidden, residual, where, edited[:, 0])
+        return None
 
     def _row_spans(self) -> list[tuple[int, int, int, int]]:
         """(row, first token, end token, first position) of each row in this forward pass; [] outside one."""
@@ -198,6 +233,18 @@ class EngineSteering:
                     spans.append((row, first, end, length - (end - first)))
         self._spans = (context, spans)
         return spans
+
+
+def _stream(hidden: torch.Tensor, residual: torch.Tensor | None, where) -> torch.Tensor:
+    """The residual stream (what the transformers layer returns) at the tokens ``where``."""
+    return hidden[where] if residual is None else hidden[where] + residual[where]
+
+
+def _write(hidden: torch.Tensor, residual: torch.Tensor | None, where, stream: torch.Tensor) -> None:
+    """Set the stream at ``where``: all of it in ``hidden``, none in ``residual``."""
+    hidden[where] = stream
+    if residual is not None:
+        residual[where] = 0
 
 
 class _Row:
