@@ -24,7 +24,7 @@ import hashlib
 import json
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -202,20 +202,25 @@ class Artifact:
         from ..core import plugins
 
         plugins.registry()  # the defenses, and with them every kind they define
-        metadata, _ = _read_file(Path(path).expanduser(), "artifact", "<kind>")
+        path = Path(path).expanduser()
+        metadata, tensors = _read_file(path, "artifact", "<kind>")
         kind = Artifact.kinds.get(metadata.get("kind"))
         if kind is None:
             raise ArtifactError(
                 f"unknown artifact kind {metadata.get('kind')!r}; known: {', '.join(sorted(Artifact.kinds))}",
                 source=str(path),
             )
-        return kind.load(path)
+        return kind._parse(path, metadata, tensors)
 
     @classmethod
     def load(cls, path: str | Path) -> Artifact:
         """Read and validate an artifact of this class's kind; ArtifactError naming the file otherwise."""
         path = Path(path).expanduser()
-        metadata, tensors = _read_file(path, cls.kind, cls.command)
+        return cls._parse(path, *_read_file(path, cls.kind, cls.command))
+
+    @classmethod
+    def _parse(cls, path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> Artifact:
+        """Validate a read file's metadata and tensors as an artifact of this class's kind."""
         reader = MetadataReader(metadata, str(path))
         version = reader.integer("format_version")
         if version > FORMAT_VERSION:
@@ -397,8 +402,11 @@ class ArtifactStore:
     sharded), so their fingerprint cannot be taken there.
     """
 
-    def __init__(self, identity: ModelIdentity | None = None):
+    def __init__(self, identity: ModelIdentity | None = None, read: Callable[[str], Artifact] | None = None):
+        """``read`` gets an artifact by path (default: ``Artifact.read``; another store's ``load``
+        shares what that store read, and this one only checks it)."""
         self.identity = identity
+        self._read = read or Artifact.read
         self._items: dict[str, Artifact] = {}
         self._lock = threading.Lock()
 
@@ -406,7 +414,7 @@ class ArtifactStore:
         """The artifact at ``path``, read and checked once."""
         with self._lock:
             if path not in self._items:
-                artifact = Artifact.read(path)
+                artifact = self._read(path)
                 if self.identity is not None:
                     artifact.check_identity(self.identity)
                 self._items[path] = artifact

@@ -75,7 +75,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
     def _new_request(self, params: SamplingParams, prompt_ids, output_ids: list[int]) -> _RequestWork | None:
         engine = steering.engine(self._vllm_config)
         config = requests.resolved_config(params.extra_args)
-        work = requests.resolved_work(config, engine.artifacts if engine is not None else requests.frontend_artifacts())
+        work = requests.resolved_work(config, engine.artifacts if engine is not None else None)
         if work is None:
             return None
         edits = None

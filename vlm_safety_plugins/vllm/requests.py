@@ -63,13 +63,15 @@ def resolved_config(extra_args: Mapping[str, Any] | None) -> SafetyConfig:
 def engine_work(extra_args: Mapping[str, Any] | None, artifacts: ArtifactStore | None = None) -> EngineWork | None:
     """What the engine runs for a request: its flags under the operator's policy, each defense's
     engine part combined; None when no defense applies. Raises ConfigError."""
-    return resolved_work(resolved_config(extra_args), artifacts or frontend_artifacts())
+    return resolved_work(resolved_config(extra_args), artifacts)
 
 
-def resolved_work(config: SafetyConfig, artifacts: ArtifactStore) -> EngineWork | None:
-    """The engine part of a resolved config (None: nothing to do); ConfigError naming the key."""
+def resolved_work(config: SafetyConfig, artifacts: ArtifactStore | None = None) -> EngineWork | None:
+    """The engine part of a resolved config, its files from ``artifacts`` (default: the API
+    server's store); None: nothing to do. ConfigError naming the key."""
     if not config.enabled:
         return None
+    artifacts = artifacts or frontend_artifacts()
     works = []
     for name, options in config.defenses.items():
         try:

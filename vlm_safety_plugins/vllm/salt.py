@@ -29,7 +29,7 @@ def cache_salt(extra_args: Mapping[str, Any] | None) -> str | None:
     """The salt of a request's steering (None: it does not steer, or its flags are refused anyway)."""
     try:
         config = requests.resolved_config(extra_args)
-        work = requests.resolved_work(config, requests.frontend_artifacts())
+        work = requests.resolved_work(config)
     except ConfigError:  # validate_params answers it with a 400
         return None
     if work is None or work.steering is None:

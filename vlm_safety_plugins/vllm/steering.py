@@ -51,7 +51,7 @@ def steering_enabled() -> bool:
         return False
     if artifact_paths(policy):
         return True
-    work = requests.resolved_work(policy.config, requests.frontend_artifacts())
+    work = requests.resolved_work(policy.config)
     return work is not None and work.steering is not None
 
 
@@ -125,7 +125,7 @@ class EngineSteering:
     """One engine's steering hooks and the interventions of the requests in its batch."""
 
     def __init__(self, layers, identity: ModelIdentity, image_token: int, device, dtype: torch.dtype):
-        self.artifacts = ArtifactStore(identity)
+        self.artifacts = ArtifactStore(identity, read=requests.frontend_artifacts().load)  # each file read once
         self.image_token, self.device, self.dtype = image_token, device, dtype
         self.rows: Mapping[int, ActiveInterventions] = {}  # persistent batch row -> its request's edits
         self._placed: dict[tuple, dict[int, torch.Tensor]] = {}
