@@ -75,6 +75,18 @@ def start(argv: list[str], log: Path, env: dict | None = None, api_key: str = "u
     return Server(process, port, log, api_key)
 
 
+@contextlib.contextmanager
+def running(servers: dict[str, Server]):
+    """The started ``servers``, once each is healthy; every one stopped at the end."""
+    try:
+        for server in servers.values():
+            server.wait_healthy()
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
 def vlm_safety(*args: str) -> list[str]:
     """The ``vlm-safety`` command of this interpreter's environment."""
     return [sys.executable, "-c", "from vlm_safety_plugins.cli import cli; cli()", *args]

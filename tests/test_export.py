@@ -10,6 +10,7 @@ import base64
 import functools
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from vlm_safety_plugins.core.policy import load_policy
 from vlm_safety_plugins.serving.export import CUSTOM_GENERATE, POLICY_KEY, export_command
 
 from .conftest import vllm_required
-from .servers import start
+from .servers import start, vlm_safety
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "eta-testbed.yaml"
@@ -322,3 +323,30 @@ def test_a_request_with_flags_is_rejected(ask, name, stream):
         assert str(error.body).startswith("vlm_safety: "), error.body
     else:
         assert isinstance(error, openai.InternalServerError)
+
+
+@pytest.mark.parametrize(
+    "policy, named",
+    [
+        ({"defenses": {"cmrm": {"vectors": "testbed-cmrm"}}}, "cmrm runs inside the engine"),
+        ({"defenses": {"eta": {"clip": {"model": "testbed-clip"}}}}, "eta needs an upstream with vLLM's"),
+    ],
+    ids=["steering", "eta"],
+)
+def test_a_gateway_in_front_of_transformers_serve_refuses_what_it_cannot_run_at_start(
+    served, exported, tmp_path, policy, named
+):
+    (tmp_path / "policy.yaml").write_text(json.dumps(policy))
+    command = vlm_safety(
+        "serve",
+        "--upstream",
+        str(served.base_url),
+        "--upstream-model",
+        str(exported),
+        "--config",
+        str(tmp_path / "policy.yaml"),
+        "--port",
+        "0",
+    )
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode != 0 and named in finished.stderr, finished.stderr

@@ -28,7 +28,7 @@ from PIL import Image
 
 from vlm_safety_plugins.testbed import world
 
-from .servers import data_uri, metric, start, user_message, vlm_safety
+from .servers import data_uri, metric, running, start, user_message, vlm_safety
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EXAMPLES = CONFIGS.parent / "examples"
@@ -51,13 +51,8 @@ def servers(tmp_path_factory):
         "add": start(serve("testbed", add_policy), folder / "add.log"),
         "slow": start(serve("tiny-llava", CONFIGS / "adashield.yaml", *one_at_a_time), folder / "slow.log"),
     }
-    try:
-        for server in launched.values():
-            server.wait_healthy()
+    with running(launched):
         yield launched
-    finally:
-        for server in launched.values():
-            server.stop()
 
 
 def serve(model: str, policy: Path, *options: str) -> list[str]:

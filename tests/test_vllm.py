@@ -13,6 +13,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import yaml
 from PIL import Image
 
 import vlm_safety_plugins as vsp
@@ -21,7 +22,7 @@ from vlm_safety_plugins.core.adapters import find_adapter
 from vlm_safety_plugins.vllm import requests
 from vlm_safety_plugins.vllm.checkpoint import write_vllm_folder
 
-from .servers import metric, start, user_message
+from .servers import metric, running, start, user_message, vlm_safety
 
 pytestmark = pytest.mark.vllm
 
@@ -53,12 +54,18 @@ def engine(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference():
-    """The transformers path on the same weights: ``answer(text, image, flags)`` -> token ids."""
+def attached():
+    """The testbed on the transformers path, attached, in float32: (model, adapter)."""
     model, processor = testbed.load_vlm()
     model.float()
     vsp.attach(model, processor)
-    adapter = find_adapter(model, processor)
+    return model, find_adapter(model, processor)
+
+
+@pytest.fixture(scope="module")
+def reference(attached):
+    """The transformers path on the same weights: ``answer(text, image, flags)`` -> token ids."""
+    model, adapter = attached
 
     def answer(text, image, flags=None):
         inputs = adapter.build_inputs([(text, image)])
@@ -248,16 +255,21 @@ def served(tmp_path_factory, cmrm_artifact):
         server.stop()
 
 
-def ask_served(server, image, text, flags=None, stream=False):
-    extra = {"vllm_xargs": {"vlm_safety": json.dumps(flags)}} if flags is not None else {}
-    response = server.client().chat.completions.create(
+def create(server, image, text, stream=False, **options):
+    """The openai client's answer (or stream) to one greedy request of the testbed."""
+    return server.client().chat.completions.create(
         model="testbed",
         messages=[user_message(text, image)],
         temperature=0,
         max_tokens=MAX_TOKENS,
         stream=stream,
-        extra_body=extra,
+        **options,
     )
+
+
+def ask_served(server, image, text, flags=None, stream=False):
+    extra = {"vllm_xargs": {"vlm_safety": json.dumps(flags)}} if flags is not None else {}
+    response = create(server, image, text, stream, extra_body=extra)
     if stream:
         return "".join(chunk.choices[0].delta.content or "" for chunk in response if chunk.choices)
     return response.choices[0].message.content
@@ -307,3 +319,122 @@ def test_vllm_serve_salts_the_prefix_cache_per_steering_configuration(served, ha
     assert plain > first  # the same plain prompt reuses its cached blocks
     assert steered == plain  # a steered request reuses nothing computed unsteered
     assert steered_again > steered  # requests steered alike share their blocks
+
+
+# -- the gateway (vlm-safety serve --upstream) in front of that `vllm serve` ----------------------
+
+ETA_TESTBED = yaml.safe_load((ROOT / "configs" / "eta-testbed.yaml").read_text())
+SCENE_QUESTION = "What is the shape in this image?"  # the harmful image, a benign question: pre unsafe, post safe
+
+
+@pytest.fixture(scope="module")
+def gateways(served, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gateways")
+    speculating = {"defenses": {"eta": {**ETA_TESTBED["defenses"]["eta"], "speculate": True}}}
+    policies = {
+        "eta": {**ETA_TESTBED, "client_flags": "add", "artifacts": UPSTREAM_ARTIFACTS},
+        "speculating": speculating,
+        "cmrm": {"artifacts": UPSTREAM_ARTIFACTS, "defenses": {"cmrm": CMRM_OPTIONS}},
+    }
+    launched = {}
+    for name, policy in policies.items():
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(policy))
+        command = vlm_safety("serve", "--upstream", f"{served.url}/v1", "--config", str(folder / f"{name}.yaml"))
+        launched[name] = start([*command, "--port", "{port}"], folder / f"{name}.log")
+    with running(launched):
+        yield launched
+
+
+CMRM_OPTIONS = {"vectors": "testbed-cmrm", "alpha": 1.0}
+UPSTREAM_ARTIFACTS = {"testbed-cmrm": "the upstream's"}  # names a request may use; the upstream maps them to files
+
+
+@pytest.fixture(scope="module")
+def eta_reference(attached):
+    """ETA on the transformers path: ``record(text, image)`` -> the eta record of its answer."""
+    model, adapter = attached
+    generation = vsp.SafetyConfig.from_dict(ETA_TESTBED).to_generation_config(
+        model.generation_config, max_new_tokens=MAX_TOKENS, do_sample=False
+    )
+
+    def record(text, image):
+        inputs = adapter.build_inputs([(text, image)])
+        output = model.generate(**inputs, images=[image], generation_config=generation, return_dict_in_generate=True)
+        return output.safety[0].defenses["eta"]
+
+    return record
+
+
+def ask_gateway(server, text, image, stream=False, **options):
+    """(the answer, its finish reason, its report)"""
+    response = create(server, image, text, stream, **options)
+    if not stream:
+        choice = response.choices[0]
+        return choice.message.content, choice.finish_reason, choice.model_extra["vlm_safety"]
+    chunks = list(response)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    reasons = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
+    return text, reasons[-1], chunks[-1].model_extra["vlm_safety"][0]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_the_gateway_refuses_the_harmful_image_request_as_the_transformers_path_decides(
+    gateways, harmful, eta_reference, stream
+):
+    text, image = harmful
+    expected = eta_reference(text, image)
+    answer, reason, report = ask_gateway(gateways["eta"], text, image, stream=stream)
+    record = report["defenses"]["eta"]
+    assert answer.startswith("As an AI assistant") and reason == "content_filter"
+    assert record["details"]["aligned"] and expected.details["aligned"]
+    assert record["scores"]["pre"] == pytest.approx(expected.scores["pre"], rel=1e-4)
+    assert record["scores"]["post"] == pytest.approx(expected.scores["post"], rel=1e-3, abs=1e-4)
+    assert record["details"]["sentences"] >= 1 and record["details"]["candidates"] == 5 * record["details"]["sentences"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_the_gateway_answers_a_benign_question_as_plain_vllm_does(served, gateways, harmful, eta_reference, stream):
+    _, image = harmful
+    expected = eta_reference(SCENE_QUESTION, image)
+    answer, reason, report = ask_gateway(gateways["eta"], SCENE_QUESTION, image, stream=stream)
+    record = report["defenses"]["eta"]
+    assert answer == ask_served(served, image, SCENE_QUESTION) and reason == "stop"
+    assert not record["details"]["aligned"] and not expected.details["aligned"]
+    assert record["details"]["pre_unsafe"] and expected.details["pre_unsafe"]  # decided by the post-check
+    assert record["scores"]["post"] == pytest.approx(expected.scores["post"], rel=1e-3, abs=1e-4)
+
+
+def test_speculative_alignment_is_used_when_both_checks_say_unsafe_and_wasted_otherwise(gateways, harmful):
+    text, image = harmful
+    answer, reason, report = ask_gateway(gateways["speculating"], text, image)
+    assert answer.startswith("As an AI assistant") and reason == "content_filter"
+    assert report["defenses"]["eta"]["details"]["speculation"] == "used"
+    answer, reason, report = ask_gateway(gateways["speculating"], SCENE_QUESTION, image)
+    assert reason == "stop" and report["defenses"]["eta"]["details"]["speculation"] == "wasted"
+    assert metric(gateways["speculating"], "vlm_safety_speculations_total", defense="eta", outcome="used") >= 1
+    assert metric(gateways["speculating"], "vlm_safety_speculations_total", defense="eta", outcome="wasted") >= 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_the_gateway_steers_inside_vllm_as_the_engine_steers_alone(served, gateways, harmful, stream):
+    text, image = harmful
+    steered = ask_served(served, image, text, {"defenses": {"cmrm": CMRM_OPTIONS}})
+    answer, _, report = ask_gateway(gateways["cmrm"], text, image, stream=stream)
+    assert answer == steered and answer != ask_served(served, image, text)
+    assert report["defenses"]["cmrm"]["details"] == {"in": "engine"}
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        ({"defenses": {"cmrm": {"vectors": "/etc/passwd"}}}, "vlm_safety.defenses.cmrm.vectors"),
+        ({"defenses": {"cmrm": {"vectors": "testbed-cmrm", "scope": "all"}}}, "defenses.cmrm.scope"),
+        ({"defenses": {"eta": {}}}, "vlm_safety.defenses.eta"),
+    ],
+    ids=["a path", "what vLLM cannot run", "the operator's defense"],
+)
+def test_the_gateway_refuses_request_flags_naming_the_key(gateways, harmful, flags, named):
+    text, image = harmful
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask_gateway(gateways["eta"], text, image, extra_body={"vlm_safety": flags})
+    assert named in caught.value.body["message"]

@@ -16,6 +16,12 @@ thread, so per-request state lives on ``call``, never on ``self``.
 ``call`` is a ``DefenseCall``: the whole of what a defense may use of a generate call.
 The runtime's ``GenerationCall`` implements it; anything else on that class is the
 runtime's own business.
+
+In front of an inference engine (``vlm-safety serve --upstream``) a defense works on the
+conversation and the engine's answers instead of tensors, through two more methods, on a
+``GatewayCall``: ``transform_messages`` (edit the chat messages) and ``around_upstream``
+(async: evaluate the engine's answer, ask it for others). A defense without them runs
+inside the engine (``engine_work``), or cannot run behind one.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ if TYPE_CHECKING:
     from .report import DefenseRecord
 
 WORK_KINDS = ("transform_inputs", "around_generate", "interventions", "logits_processors", "stopping_criteria")
+GATEWAY_KINDS = ("transform_messages", "around_upstream")
 
 
 class CallStreamer(Protocol):
@@ -112,6 +119,72 @@ class DefenseCall(Protocol):
 
     def generate(self, *, rows: Sequence[int] | None = None, **overrides: Any) -> GenerateDecoderOnlyOutput:
         """The inner transformers generate with every defense's processors, criteria and interventions."""
+
+
+@dataclass
+class Completion:
+    """One answer of the upstream engine (one choice)."""
+
+    text: str
+    finish_reason: str
+    """``stop`` (an end of sequence or a stop string), ``length``, or ``content_filter`` (replaced)."""
+    completion_tokens: int
+    prompt_tokens: int = 0
+    stop_string: str | None = None
+    """The stop string that ended it (included at the end of ``text``), None otherwise."""
+
+    @property
+    def ended(self) -> bool:
+        """It ended with the model's end of sequence (neither a stop string nor the token cap)."""
+        return self.finish_reason == "stop" and self.stop_string is None
+
+
+class GatewayCall(Protocol):
+    """What a defense may use of one request answered by an upstream engine (``around_upstream``).
+
+    The conversation is editable; ``upstream`` asks the engine for answers, with the
+    engine-side defenses of the request applied (steering travels with every request).
+    """
+
+    messages: list[dict]
+    """The OpenAI chat messages sent upstream (image parts as ``data:`` URIs); edit in place."""
+    images: list[Any]
+    """The conversation's images, decoded (PIL)."""
+    n: int
+    """Choices the client asked for."""
+    max_tokens: int
+    resources: Resources
+    """Scorers (CLIP, reward models) of this gateway process, loaded once per key."""
+    device: str
+    """Where the gateway's scorers run by default (``cuda`` when present)."""
+
+    def record(self, defense: str, choice: int = 0) -> DefenseRecord:
+        """The record of ``defense`` in choice ``choice``'s report."""
+
+    def user_text(self) -> str:
+        """The text of the conversation's last user turn."""
+
+    def pass_stream(self, defense: str) -> None:
+        """``defense`` will not veto the answer: once every around-upstream defense has passed,
+        the engine's answer streams to the client as it comes."""
+
+    async def upstream(
+        self,
+        *,
+        answer_opening: str | None = None,
+        n: int | None = None,
+        max_tokens: int | None = None,
+        sampling: dict | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> list[Completion]:
+        """The engine's answers to the conversation (``answer_opening``: continuing an assistant
+        turn that opens with that text); the request's own sampling unless ``sampling`` is given."""
+
+    async def opening_tokens(self, text: str) -> int:
+        """How many tokens the engine's template makes of ``text`` opening the answer."""
+
+    async def blocking(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)`` in a worker thread (scorers, which would block the event loop)."""
 
 
 class EngineRow(Protocol):
@@ -204,6 +277,51 @@ class Defense:
     def stopping_criteria(self, call: DefenseCall) -> Sequence[Any]:
         """StoppingCriteria to add to the inner generate."""
         return ()
+
+    # -- in front of an upstream engine (vlm-safety serve --upstream) ---------------------------
+
+    @classmethod
+    def runs_in_gateway(cls) -> bool:
+        """Whether the defense runs in front of an engine (it overrides a gateway method)."""
+        return any(getattr(cls, kind) is not getattr(Defense, kind) for kind in GATEWAY_KINDS)
+
+    def transform_messages(self, call: GatewayCall) -> None:
+        """Edit ``call.messages`` in place before anything is sent upstream."""
+
+    async def around_upstream(self, call: GatewayCall, proceed: Callable[[], Any]) -> list[Completion]:
+        """Await ``proceed()`` (the rest of the chain: the engine's answers) and return the answers."""
+        return await proceed()
+
+    @classmethod
+    def gateway_needs(cls, options: Any) -> tuple[str, ...]:
+        """Upstream capabilities the defense needs with ``options`` (``extensions``: vLLM's request
+        extensions: ``n``, ``top_k``, continuing the assistant turn); checked at start."""
+        return ()
+
+
+class DefenseInstances:
+    """One Defense instance per (name, options), shared by every call that uses them; at most
+    ``limit`` kept (requests' own flags may name any number of option sets)."""
+
+    def __init__(self, resources: Resources, limit: int = 64):
+        self.resources, self.limit = resources, limit
+        self._instances: dict[tuple[str, str], Defense] = {}
+        self._lock = threading.Lock()
+
+    def of(self, config) -> list[Defense]:
+        """The instances of a SafetyConfig's defenses, in its order."""
+        from . import plugins
+
+        defenses = []
+        for name, options in config.defenses.items():
+            key = (name, repr(options))
+            with self._lock:
+                if key not in self._instances:
+                    if len(self._instances) >= self.limit:
+                        self._instances.clear()
+                    self._instances[key] = plugins.get_defense(name)(options, self.resources)
+                defenses.append(self._instances[key])
+        return defenses
 
 
 class Resources:

@@ -17,7 +17,6 @@ import collections
 import contextvars
 import copy
 import functools
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,7 +29,7 @@ from ..steering.interventions import InterventionHooks
 from . import plugins
 from .adapters import find_adapter
 from .config import GENERATION_CONFIG_KEY, SafetyConfig
-from .defense import Defense, Resources
+from .defense import Defense, DefenseInstances, Resources
 from .errors import DefenseError, GenerationCancelled
 from .policy import Policy, load_policy
 from .report import DefenseRecord, SafetyReport
@@ -106,8 +105,7 @@ class Attachment:
         self.resources = Resources(trust_remote_code=trust_remote_code)
         self.policy: Policy | None = None
         self._configs: dict[str, SafetyConfig] = {}
-        self._defenses: dict[tuple[str, str], Defense] = {}
-        self._lock = threading.Lock()
+        self._defenses = DefenseInstances(self.resources, CACHE_LIMIT)
 
     def generate(self, *args, **kwargs):
         """transformers' generate, plus the defenses named by the ``vlm_safety`` flag."""
@@ -150,16 +148,7 @@ class Attachment:
 
     def defenses_for(self, config: SafetyConfig) -> list[Defense]:
         """One Defense instance per (name, options), shared by every call that uses them."""
-        defenses = []
-        for name, options in config.defenses.items():
-            key = (name, repr(options))
-            with self._lock:
-                if key not in self._defenses:
-                    if len(self._defenses) >= CACHE_LIMIT:
-                        self._defenses.clear()
-                    self._defenses[key] = plugins.get_defense(name)(options, self.resources)
-                defenses.append(self._defenses[key])
-        return defenses
+        return self._defenses.of(config)
 
 
 class _DefenseFailed(Exception):

@@ -135,6 +135,22 @@ def _answer(model, batch: Sequence[Sample], settings, judge: Judge, seed: int) -
         raise EvaluationError(f"judge {judge.name!r} returned {len(verdicts)} verdicts for {len(batch)} responses")
     reports = getattr(output, "safety", None) or [None] * len(batch)
     stops = _stop_ids(settings)
+    return response_records(
+        batch,
+        responses,
+        verdicts,
+        latency_s=elapsed,
+        tokens=[next((index for index, token in enumerate(ids) if token in stops), len(ids)) for ids in new],
+        reports=[report.to_dict() if report is not None else None for report in reports],
+    )
+
+
+def response_records(
+    batch: Sequence[Sample], responses: list[str], verdicts: list, *, latency_s: float, tokens: list[int], reports
+) -> list[dict]:
+    """The response records (``responses.jsonl``) of one batch answered together in ``latency_s``:
+    each sample with its answer, the judge's verdict, refusal and correctness, its token count
+    and its safety report (a dict, or None)."""
     return [
         {
             "id": sample.id,
@@ -152,13 +168,13 @@ def _answer(model, batch: Sequence[Sample], settings, judge: Judge, seed: int) -
                 if sample.label == "benign" and sample.reference_answer
                 else None
             ),
-            "latency_s": elapsed / len(batch),
-            "batch_latency_s": elapsed,
+            "latency_s": latency_s / len(batch),
+            "batch_latency_s": latency_s,
             "batch_size": len(batch),
-            "tokens": next((index for index, token in enumerate(ids) if token in stops), len(ids)),
-            "safety": report.to_dict() if report is not None else None,
+            "tokens": count,
+            "safety": report,
         }
-        for sample, response, verdict, ids, report in zip(batch, responses, verdicts, new, reports)
+        for sample, response, verdict, count, report in zip(batch, responses, verdicts, tokens, reports)
     ]
 
 

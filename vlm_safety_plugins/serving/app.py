@@ -278,7 +278,8 @@ class _Server:
                 if count > limits.max_images:
                     message = f"{param}: at most {limits.max_images} images per request"
                     raise APIError(413, message, param=param, code="too_many_images")
-                parts.append({"type": "image", "image": load_image(part.image_url.url, limits, param)})
+                image, source = load_image(part.image_url.url, limits, param)
+                parts.append({"type": "image", "image": image, "url": source})
             messages.append({"role": role, "content": parts})
         return messages
 
@@ -333,6 +334,8 @@ def _outcome(error: BaseException) -> str:
         return "timed_out"
     if isinstance(error, (GenerationCancelled, asyncio.CancelledError, GeneratorExit)):
         return "cancelled"
+    if isinstance(error, APIError) and error.status >= 500:  # an upstream engine failed
+        return "failed"
     return "rejected" if isinstance(error, (APIError, VLMSafetyError)) else "failed"
 
 

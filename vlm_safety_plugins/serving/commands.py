@@ -1,4 +1,5 @@
-"""``vlm-safety serve``: the OpenAI-compatible server over the transformers engine."""
+"""``vlm-safety serve``: the OpenAI-compatible server, over the transformers engine (``--model``) or in
+front of an OpenAI-compatible engine that generates (``--upstream``: the gateway)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,19 @@ from ..cli import load_model, trust_remote_code_option
 from .app import API_KEY_ENV
 
 MIB = 2**20
+UPSTREAM_API_KEY_ENV = "VLM_SAFETY_UPSTREAM_API_KEY"
 
 
 @click.command()
+@click.option("--model", "model_name", help="testbed, a tiny-* offline model, a hub id or a local folder.")
 @click.option(
-    "--model", "model_name", required=True, help="testbed, a tiny-* offline model, a hub id or a local folder."
+    "--upstream",
+    help="Instead of --model: the base URL of an OpenAI-compatible server that generates "
+    "(e.g. http://127.0.0.1:8001/v1); the policy's defenses run here and, through our vLLM plugin, inside it.",
+)
+@click.option("--upstream-model", help="The model id the upstream serves (default: the one it lists).")
+@click.option(
+    "--upstream-api-key", envvar=UPSTREAM_API_KEY_ENV, help=f"The upstream's API key (or {UPSTREAM_API_KEY_ENV})."
 )
 @click.option(
     "--config",
@@ -33,7 +42,9 @@ MIB = 2**20
 @click.option(
     "--allow-image-urls", is_flag=True, help="Fetch http(s) image URLs (off: only data: URIs; never file paths)."
 )
-@click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1), help="Generations at once.")
+@click.option(
+    "--concurrency", type=click.IntRange(1), help="Generations at once (default: 4 with --model, 64 with --upstream)."
+)
 @click.option(
     "--max-queue", default=64, show_default=True, type=click.IntRange(0), help="Waiting requests (503 beyond)."
 )
@@ -63,6 +74,9 @@ MIB = 2**20
 @trust_remote_code_option
 def serve_command(
     model_name,
+    upstream,
+    upstream_model,
+    upstream_api_key,
     config_path,
     host,
     port,
@@ -85,9 +99,11 @@ def serve_command(
     from ..core.errors import ConfigError, VLMSafetyError
     from ..core.policy import load_policy
     from .app import ServerSettings, create_app
-    from .engines.transformers_engine import TransformersEngine
     from .images import ImageLimits
+    from .protocol import APIError
 
+    if (model_name is None) == (upstream is None):
+        raise click.UsageError("give exactly one of --model (generate here) and --upstream (an engine that generates)")
     try:  # cheap checks first, so a bad policy fails before a model loads
         policy = load_policy(config_path)
     except ConfigError as error:
@@ -96,18 +112,34 @@ def serve_command(
         import torch
 
         torch.set_num_threads(threads)
-    model, processor = load_model(model_name, seed)
     try:
-        engine = TransformersEngine(
-            model,
-            processor,
-            policy,
-            model_id=served_model_name or model_name,
-            concurrency=concurrency,
-            trust_remote_code=trust_remote_code,
-        )
+        if upstream is not None:
+            from ..gateway.engine import UpstreamEngine
+            from ..gateway.upstream import Upstream
+
+            engine = UpstreamEngine(
+                Upstream(upstream, upstream_model, api_key=upstream_api_key),
+                policy,
+                model_id=served_model_name,
+                concurrency=concurrency or 64,
+                trust_remote_code=trust_remote_code,
+            )
+        else:
+            from .engines.transformers_engine import TransformersEngine
+
+            model, processor = load_model(model_name, seed)
+            engine = TransformersEngine(
+                model,
+                processor,
+                policy,
+                model_id=served_model_name or model_name,
+                concurrency=concurrency or 4,
+                trust_remote_code=trust_remote_code,
+            )
         engine.check_policy()
-    except VLMSafetyError as error:
+    except ConfigError as error:
+        raise click.ClickException(f"the policy cannot run here: {error}") from None
+    except (VLMSafetyError, APIError) as error:
         raise click.ClickException(str(error)) from None
     settings = ServerSettings(
         api_key=limits["api_key"] or None,
@@ -124,8 +156,9 @@ def serve_command(
         max_tokens_limit=limits["max_tokens_limit"],
     )
     defenses = ", ".join(policy.config.defenses) or "none"
+    where = f"engine {engine.name}" + (f" at {upstream}" if upstream else "")
     click.echo(
-        f"vlm-safety serve: {engine.model_id} on http://{host}:{port} (engine {engine.name}); "
+        f"vlm-safety serve: {engine.model_id} on http://{host}:{port} ({where}); "
         f"policy {config_path}: defenses {defenses}, client_flags {policy.client_flags}",
         err=True,
     )

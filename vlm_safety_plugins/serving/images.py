@@ -31,8 +31,9 @@ class ImageLimits:
     allow_urls: bool = False
 
 
-def load_image(url: str, limits: ImageLimits, param: str) -> Image.Image:
-    """The RGB image an ``image_url`` names; APIError (400 or 413) naming ``param`` otherwise."""
+def load_image(url: str, limits: ImageLimits, param: str) -> tuple[Image.Image, str]:
+    """The RGB image an ``image_url`` names, and the image's own bytes as a ``data:`` URI (what a
+    gateway forwards, never re-encoded); APIError (400 or 413) naming ``param`` otherwise."""
     if url.startswith("data:"):
         data = _decode_data_uri(url, limits, param)
     elif url.startswith(("http://", "https://")):
@@ -47,7 +48,8 @@ def load_image(url: str, limits: ImageLimits, param: str) -> Image.Image:
         data = _fetch(url, limits, param)
     else:
         raise APIError(400, f"{param}: an image must be a data: URI or an http(s) URL", param=param, code="bad_image")
-    return _decode(data, limits, param)
+    image, kind = _decode(data, limits, param)
+    return image, url if url.startswith("data:") else f"data:image/{kind};base64," + base64.b64encode(data).decode()
 
 
 def _decode_data_uri(url: str, limits: ImageLimits, param: str) -> bytes:
@@ -74,13 +76,14 @@ def _fetch(url: str, limits: ImageLimits, param: str) -> bytes:
     return data
 
 
-def _decode(data: bytes, limits: ImageLimits, param: str) -> Image.Image:
+def _decode(data: bytes, limits: ImageLimits, param: str) -> tuple[Image.Image, str]:
+    """The RGB image and its format's name (``png``, ``jpeg``, ...)."""
     try:
         with Image.open(io.BytesIO(data), formats=FORMATS) as image:
             width, height = image.size
             if width * height > limits.max_pixels:
                 raise _too_large(param, f"{width}×{height} pixels, more than {limits.max_pixels}")
-            return image.convert("RGB")
+            return image.convert("RGB"), image.format.lower()
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as error:
         reason = "not a PNG, JPEG, WEBP, GIF or BMP image" if isinstance(error, UnidentifiedImageError) else error
         raise APIError(400, f"{param}: cannot read the image: {reason}", param=param, code="bad_image") from None

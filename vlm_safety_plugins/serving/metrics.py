@@ -39,6 +39,12 @@ class ServerMetrics:
         self.request_seconds = Histogram(
             "request_seconds", "Time from a request's arrival to its last byte.", buckets=LATENCY_BUCKETS, **options
         )
+        self.speculations = Counter(
+            "speculations",
+            "Answers a defense prepared before it knew it needed them (ETA's speculate), used or wasted.",
+            ["defense", "outcome"],
+            **options,
+        )
         self.queue_depth = Gauge("queue_depth", "Requests admitted and waiting for a generation slot.", **options)
         self.in_flight = Gauge("requests_in_flight", "Requests admitted and not yet answered.", **options)
         for outcome in OUTCOMES:  # every series exists from the start, at zero
@@ -58,6 +64,8 @@ class ServerMetrics:
                 self.interventions.labels(record.name).inc()
             if record.replaced_answer and not report.refused:
                 self.refusals.labels(record.name).inc()
+            if record.details.get("speculation") in ("used", "wasted"):
+                self.speculations.labels(record.name, record.details["speculation"]).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -3,7 +3,8 @@
 The prompt asks the model to inspect the image and the instruction for harmful content
 and to refuse if it finds any. It is inserted as tokens at the end of each row's last
 user turn, just before the chat template's assistant-turn opener, so it works on
-already-tokenised inputs of any family; the caller's prompt is restored in the output.
+already-tokenised inputs of any family; the caller's prompt is restored in the output. In
+front of an engine it is appended as text to the last user turn (``transform_messages``).
 """
 
 from dataclasses import dataclass
@@ -48,3 +49,20 @@ class AdaShield(Defense):
             if record.ran and prompt_ids:  # an empty prompt inserts nothing: nothing was modified
                 record.decision = MODIFIED
                 record.details["prompt_tokens"] = len(prompt_ids)
+
+    def transform_messages(self, call):
+        defended = bool(self.options.text_only or call.images)
+        text = self.options.separator + self.options.prompt
+        for choice in range(call.n):
+            record = call.record(self.name, choice)
+            record.ran = defended
+            if defended and self.options.prompt:
+                record.decision = MODIFIED
+                record.details["prompt_characters"] = len(text)
+        if not (defended and self.options.prompt):
+            return
+        last = next(message for message in reversed(call.messages) if message["role"] == "user")
+        if isinstance(last["content"], str):
+            last["content"] += text
+        else:
+            last["content"].append({"type": "text", "text": text})

@@ -102,6 +102,12 @@ class EtaOptions:
         doc="What the reward model sees as the user turn: the reference's fixed safety "
         "instruction, or the user's real question.",
     )
+    speculate: bool = option(
+        False,
+        doc="In front of an engine (`vlm-safety serve --upstream`) only: when the pre-check says unsafe, "
+        "start the alignment beside the vanilla answer and use it only if the post-check says unsafe too "
+        "(beyond the paper: lower latency for aligned answers, engine work wasted on the others).",
+    )
 
 
 class Eta(Defense):
@@ -133,6 +139,15 @@ class Eta(Defense):
                 path="defenses.eta.alignment",
             )
         return EngineWork(answer_prefix=options.prefix)
+
+    @classmethod
+    def gateway_needs(cls, options):
+        return ("extensions",)  # n candidates with top-k, and answers that continue the assistant turn
+
+    async def around_upstream(self, call, proceed):
+        from .gateway import around_upstream
+
+        return await around_upstream(self, call, proceed)
 
     def around_generate(self, call, proceed):
         options, rows = self.options, range(call.batch_size)
@@ -194,19 +209,9 @@ class Eta(Defense):
     def _pre_check(self, call):
         """Per row: the CLIP embeddings of its images (or None) and its pre score (max over images, or None)."""
         images = call.images
-        flat = [image for row_images in images for image in row_images]
-        if not flat:
+        if not any(images):
             return [None] * call.batch_size, [None] * call.batch_size
-        clip = self._clip(call)
-        embeddings = clip.embed_images(flat)
-        scores = clip.safety_scores(embeddings)
-        per_row, pre, start = [], [], 0
-        for row_images in images:
-            stop = start + len(row_images)
-            per_row.append(embeddings[start:stop] if row_images else None)
-            pre.append(float(scores[start:stop].max()) if row_images else None)
-            start = stop
-        return per_row, pre
+        return pre_check(self._clip(call), images)
 
     def _user_turns(self, call, rows, instruction):
         if self.options.reward_sees == "instruction":
@@ -283,11 +288,9 @@ class Eta(Defense):
                 [prefix + accepted + ids for ids in candidates.token_ids], skip_special_tokens=True
             )
             rewards = reward.score([user_turn] * len(responses), responses)
-            utilities = None
-            if uses_utility(index, candidates.ended_with_eos) and image_embedding is not None and alpha:
-                # the new sentence against the row's image(s), best image if several
-                utilities = clip.similarity(clip.embed_texts(candidates.texts), image_embedding).max(dim=1).values
-            return candidate_scores(rewards, utilities, index=index, alpha=alpha)
+            return sentence_scores(
+                rewards, clip, candidates.texts, candidates.ended_with_eos, index, image_embedding, alpha
+            )
 
         return score
 
@@ -308,21 +311,29 @@ class Eta(Defense):
         return output
 
     def _clip(self, call):
+        return self.clip(call.resources, str(call.model.device))
+
+    def _reward(self, call):
+        return self.reward(call.resources, str(call.model.device))
+
+    def clip(self, resources, device: str):
+        """The CLIP evaluator of these options (on ``clip.device``, else ``device``), loaded once per key."""
         options = self.options.clip
-        device = options.device or str(call.model.device)
+        device = options.device or device
         cls = _evaluator(options.evaluator, "image_safety", "clip.evaluator")
-        return call.resources.get(
+        return resources.get(
             (cls, options.backend, options.model, options.pretrained, device),
             lambda: cls.load(options.backend, options.model, options.pretrained, device),
         )
 
-    def _reward(self, call):
+    def reward(self, resources, device: str):
+        """The reward evaluator of these options (on ``reward_model.device``, else ``device``), loaded once per key."""
         options = self.options.reward_model
-        device = options.device or str(call.model.device)
+        device = options.device or device
         cls = _evaluator(options.evaluator, "reward", "reward_model.evaluator")
-        call.resources.check_remote_code(options.trust_remote_code, "eta.reward_model.trust_remote_code")
+        resources.check_remote_code(options.trust_remote_code, "eta.reward_model.trust_remote_code")
         dtype = {} if options.dtype == "auto" else {"dtype": getattr(torch, options.dtype)}
-        return call.resources.get(
+        return resources.get(
             (cls, options.path, options.trust_remote_code, options.max_length, options.dtype, device),
             lambda: cls.load(
                 options.path,
@@ -345,9 +356,33 @@ def _evaluator(name: str, kind: str, key: str) -> type:
     return registered[name].cls
 
 
+def pre_check(clip, images: list[list]) -> tuple[list, list[float | None]]:
+    """Per row of ``images``: the CLIP embeddings of its images (or None) and its pre score, the
+    highest safety score of its images (or None for a row without images)."""
+    embeddings = clip.embed_images([image for row_images in images for image in row_images])
+    scores = clip.safety_scores(embeddings)
+    per_row, pre, start = [], [], 0
+    for row_images in images:
+        stop = start + len(row_images)
+        per_row.append(embeddings[start:stop] if row_images else None)
+        pre.append(float(scores[start:stop].max()) if row_images else None)
+        start = stop
+    return per_row, pre
+
+
 def uses_utility(index: int, ended_with_eos: list[bool]) -> bool:
     """Whether the i-th sentence's candidates get the CLIP utility term: not the first, and none ended."""
     return index > 1 and not any(ended_with_eos)
+
+
+def sentence_scores(rewards, clip, sentences, ended, index, image_embedding, alpha):
+    """The best-of-N scores of one round's candidates from their ``rewards`` (of each whole response
+    so far): plus the CLIP utility of each new sentence against the image(s), best image if
+    several, where ``uses_utility`` says so."""
+    utilities = None
+    if uses_utility(index, ended) and image_embedding is not None and alpha:
+        utilities = clip.similarity(clip.embed_texts(sentences), image_embedding).max(dim=1).values
+    return candidate_scores(rewards, utilities, index=index, alpha=alpha)
 
 
 def candidate_scores(

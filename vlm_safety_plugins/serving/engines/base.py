@@ -29,7 +29,8 @@ class ChatJob:
     """One admitted request: the conversation (images decoded), sampling, the request's flags."""
 
     messages: list[dict]
-    """Chat messages in transformers' form; image parts are ``{"type": "image", "image": PIL}``."""
+    """Chat messages in transformers' form; image parts are ``{"type": "image", "image": PIL, "url": URI}``,
+    the URI a ``data:`` URI of the request's own image bytes (what a gateway forwards)."""
     flags: dict | None
     """The request's own ``vlm_safety`` flags (None: it sent none); the engine's policy applies them."""
     max_tokens: int
