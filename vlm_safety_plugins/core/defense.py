@@ -26,6 +26,7 @@ inside the engine (``engine_work``), or cannot run behind one.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -248,7 +249,12 @@ class Defense:
     @classmethod
     def kinds(cls) -> tuple[str, ...]:
         """The kinds of work this defense does: the base methods it overrides."""
-        return tuple(kind for kind in WORK_KINDS if getattr(cls, kind) is not getattr(Defense, kind))
+        return tuple(kind for kind in WORK_KINDS if cls.overrides(kind))
+
+    @classmethod
+    def overrides(cls, method: str) -> bool:
+        """Whether the subclass overrides the base's ``method`` (a kind of work it does; classmethods too)."""
+        return inspect.getattr_static(cls, method) is not inspect.getattr_static(Defense, method)
 
     def records(self, call: DefenseCall, ran: bool | Sequence[bool] = True) -> list[DefenseRecord]:
         """This defense's record in every row's report, each marked ``ran`` (one flag, or one per row)."""
@@ -283,7 +289,7 @@ class Defense:
     @classmethod
     def runs_in_gateway(cls) -> bool:
         """Whether the defense runs in front of an engine (it overrides a gateway method)."""
-        return any(getattr(cls, kind) is not getattr(Defense, kind) for kind in GATEWAY_KINDS)
+        return any(cls.overrides(kind) for kind in GATEWAY_KINDS)
 
     def transform_messages(self, call: GatewayCall) -> None:
         """Edit ``call.messages`` in place before anything is sent upstream."""

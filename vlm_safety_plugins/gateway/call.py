@@ -164,7 +164,7 @@ class GatewayRequest:
                 self.record(defense.name, choice).time_s += time.perf_counter() - started
 
     def _doing(self, kind: str) -> list[Defense]:
-        return [defense for defense in self.defenses if getattr(type(defense), kind) is not getattr(Defense, kind)]
+        return [defense for defense in self.defenses if type(defense).overrides(kind)]
 
 
 def _openai_messages(messages: list[dict]) -> list[dict]:

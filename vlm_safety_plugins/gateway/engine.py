@@ -20,13 +20,13 @@ import torch
 
 from ..core import plugins
 from ..core.config import SafetyConfig
-from ..core.defense import Defense, DefenseInstances, Resources
+from ..core.defense import DefenseInstances, Resources
 from ..core.errors import ConfigError, GenerationCancelled
 from ..core.options import options_to_dict
 from ..core.policy import Policy
 from ..core.report import DefenseRecord
 from ..serving.engines.base import ChatJob, Delta, Engine, Finish
-from ..serving.protocol import APIError
+from ..serving.protocol import APIError, policy_violation
 from .call import GatewayRequest
 from .upstream import Upstream, UpstreamError, extension_fields
 
@@ -89,7 +89,7 @@ class UpstreamEngine(Engine):
                         path=path,
                     )
                 gateway[name] = options
-            elif cls.engine_work.__func__ is Defense.engine_work.__func__:
+            elif not cls.overrides("engine_work"):
                 raise ConfigError(f"{name} runs neither in front of an engine nor inside one", path=path)
             elif not self.capabilities.plugin:
                 raise ConfigError(
@@ -127,8 +127,7 @@ class UpstreamEngine(Engine):
             config, origins = self.policy.resolve(flags)
             gateway, engine_flags = self.split(config, self._by_name.resolve(flags)[0])
         except ConfigError as error:
-            param = ".".join(["vlm_safety", *([error.path] if error.path else [])])
-            raise APIError(400, f"{param}: {error.reason}", param=param, code="policy_violation") from None
+            raise policy_violation(error) from None
         if job.min_tokens and not self.capabilities.extensions:
             raise APIError(400, f"min_tokens: {self.upstream.base_url} takes no min_tokens", param="min_tokens")
         request = GatewayRequest(self, job, gateway, origins, self._defenses.of(gateway), engine_flags)

@@ -257,8 +257,7 @@ class _Server:
         try:
             self.engine.policy.resolve(SafetyConfig.from_dict(flags) if flags is not None else None)
         except ConfigError as error:
-            param = ".".join(["vlm_safety", *([error.path] if error.path else [])])
-            raise APIError(400, f"{param}: {error.reason}", param=param, code="policy_violation") from None
+            raise protocol.policy_violation(error) from None
 
     def _messages(self, chat: protocol.ChatCompletionRequest) -> list[dict]:
         """The conversation in transformers' chat form, images decoded (at most ``max_images``)."""

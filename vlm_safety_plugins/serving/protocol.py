@@ -118,6 +118,12 @@ def field_path(location: tuple) -> str:
     return "".join(parts)
 
 
+def policy_violation(error) -> APIError:
+    """The 400 for a request's ``vlm_safety`` flags the policy refuses (a ConfigError), naming the key."""
+    param = ".".join(["vlm_safety", *([error.path] if error.path else [])])
+    return APIError(400, f"{param}: {error.reason}", param=param, code="policy_violation")
+
+
 def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
