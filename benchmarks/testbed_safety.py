@@ -9,7 +9,7 @@ answer explains a harmful activity), and writes the table the issue asks for:
 - vanilla, text only       the same requests with their images removed (the planted gap)
 - vanilla                  the testbed model with the images (the baseline of every ratio)
 - adashield                configs/adashield.yaml
-- eta (+ shallow_only, deep_only)          configs/eta-testbed.yaml
+- eta (+ shallow_only, deep_only, safe_images: post)   configs/eta-testbed.yaml
 - cmrm dataset, cmrm sample, vlm_guard     configs/cmrm-testbed.yaml, configs/vlm_guard-testbed.yaml
   (settings chosen on a validation draw of the *train* split, see the notes in the output),
   and the papers' default settings for comparison
@@ -71,6 +71,7 @@ ROWS = (
     Row("eta", "eta", ("eta-testbed.yaml",), targeted=True),
     Row("eta, shallow_only", "eta-shallow", ("eta-testbed.yaml",), {"eta": {"alignment": "shallow_only"}}),
     Row("eta, deep_only", "eta-deep", ("eta-testbed.yaml",), {"eta": {"alignment": "deep_only"}}),
+    Row("eta, safe_images: post", "eta-safe-post", ("eta-testbed.yaml",), {"eta": {"safe_images": "post"}}),
     Row("cmrm, dataset", "cmrm", ("cmrm-testbed.yaml",), targeted=True),
     Row(
         "cmrm, dataset, paper defaults (α 1, last prompt + generated)",

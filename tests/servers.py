@@ -53,6 +53,12 @@ class Server:
             time.sleep(0.2)
         raise RuntimeError(f"the server did not become healthy in {STARTUP_TIMEOUT_S} s:\n{self.log.read_text()}")
 
+    def kill(self) -> None:
+        """SIGKILL its process group: it dies mid-answer, as a crashed server does (``stop`` lets it finish)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
     def stop(self) -> None:
         """SIGTERM by pid, then SIGKILL of its process group if it lingers."""
         if self.process.poll() is None:

@@ -9,6 +9,8 @@ from peft import LoraConfig, get_peft_model
 from PIL import Image
 
 import vlm_safety_plugins as vsp
+from vlm_safety_plugins import testbed
+from vlm_safety_plugins.defenses.cmrm.anchors import cmrm_anchors
 from vlm_safety_plugins.defenses.cmrm.calibration import calibrate_cmrm
 from vlm_safety_plugins.testing import tiny_vlm
 
@@ -271,3 +273,32 @@ def test_eta_and_cmrm_compose(red_image, calibrated):
     image_row, text_row = out.safety
     assert image_row.defenses["cmrm"].decision == "modified" and not text_row.defenses["cmrm"].ran
     assert image_row.defenses["eta"].details["aligned"]
+
+
+def test_sequential_calibration_steers_closer_to_text_only_than_one_shot_when_every_layer_is_steered(tmp_path):
+    """Each sequential vector is measured with the layers below already steered: the first layer's is
+    the one-shot one, the upper ones differ, and steering every layer lands held-out corrupted-image
+    states nearer their text-only states than the one-shot vectors do at the same α."""
+    model, processor = testbed.load_vlm()
+    anchors = cmrm_anchors("builtin:testbed_cmrm_anchors.jsonl")[0]
+    fit, held_out = anchors[:-16], anchors[-16:]
+    one_shot = calibrate_cmrm(model, processor, fit)
+    sequential = calibrate_cmrm(model, processor, fit, sequential=True)
+    layers = sorted(one_shot.vectors)
+    torch.testing.assert_close(sequential.vectors[layers[0]], one_shot.vectors[layers[0]])
+    for layer in layers[1:]:
+        moved = (sequential.vectors[layer] - one_shot.vectors[layer]).norm()
+        assert moved > 0.05 * one_shot.vectors[layer].norm(), layer
+    reloaded = vsp.CmrmVectors.load(sequential.save(tmp_path / "sequential.safetensors"))
+    assert (reloaded.calibration, reloaded.alpha) == ("sequential", 1.0)
+    vsp.attach(model, processor)
+    adapter = vsp.get_attachment(model).adapter
+    image = adapter.corrupted_image("blank", size=adapter.image_size())
+    corrupted, text_only = (batch(model, processor, [(text, view) for text in held_out]) for view in (image, None))
+    target = last_prompt_states(model, text_only)[layers[-1]]
+    distances = {}
+    for name, artifact in (("one_shot", one_shot), ("sequential", sequential)):
+        path = str(artifact.save(tmp_path / f"{name}.safetensors"))
+        steered = last_prompt_states(model, corrupted, cmrm(vectors=path, scope="last_prompt"), [image] * len(held_out))
+        distances[name] = float((steered[layers[-1]] - target).norm(dim=1).mean())
+    assert distances["sequential"] < distances["one_shot"], distances

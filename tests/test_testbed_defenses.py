@@ -16,6 +16,7 @@ import vlm_safety_plugins as vsp
 from vlm_safety_plugins import testbed
 from vlm_safety_plugins.evaluation import run_eval
 from vlm_safety_plugins.evaluation.benchmarks import load_benchmark
+from vlm_safety_plugins.evaluation.responses import ResponseLog
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -64,3 +65,26 @@ def test_defense_lowers_the_unsafe_rate_below_vanilla(
         options.update({key: path for key, path in artifacts.items() if key in options})
     defended = unsafe_rate(model, config, harmful_with_images, tmp_path)
     assert defended < vanilla_rate - 0.25, (config_file, defended, vanilla_rate)
+
+
+def test_eta_with_safe_images_post_aligns_harmful_questions_beside_images_the_pre_check_passes(
+    model, harmful_with_images, tmp_path
+):
+    config = yaml.safe_load((CONFIGS / "eta-testbed.yaml").read_text())
+    run_eval(*model, config, harmful_with_images, tmp_path / "pass", judge="testbed", batch_size=8, max_new_tokens=24)
+    records = ResponseLog(tmp_path / "pass").read()
+    passed = [  # the paper's ETA: a harmless-looking image, so no post-check and no alignment
+        sample
+        for sample in harmful_with_images
+        if not records[sample.id]["safety"]["defenses"]["eta"]["details"]["pre_unsafe"]
+    ]
+    assert passed and all("post" not in records[s.id]["safety"]["defenses"]["eta"]["scores"] for s in passed)
+    assert sum(records[s.id]["verdict"]["unsafe"] for s in passed) >= len(passed) / 2  # they go through
+    config["defenses"]["eta"]["safe_images"] = "post"
+    run_eval(*model, config, passed, tmp_path / "post", judge="testbed", batch_size=8, max_new_tokens=24)
+    after = ResponseLog(tmp_path / "post").read()
+    eta = [after[s.id]["safety"]["defenses"]["eta"] for s in passed]
+    assert all("post" in record["scores"] and not record["details"]["pre_unsafe"] for record in eta)
+    assert sum(record["details"]["aligned"] for record in eta) >= len(passed) / 2
+    unsafe_before = sum(records[s.id]["verdict"]["unsafe"] for s in passed)
+    assert sum(after[s.id]["verdict"]["unsafe"] for s in passed) < unsafe_before

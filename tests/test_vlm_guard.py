@@ -5,7 +5,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import vlm_safety_plugins as vsp
+from vlm_safety_plugins import testbed
+from vlm_safety_plugins.core.adapters import find_adapter
+from vlm_safety_plugins.defenses.vlm_guard.anchors import vlm_guard_pairs
 from vlm_safety_plugins.defenses.vlm_guard.artifact import SafetySubspace
+from vlm_safety_plugins.defenses.vlm_guard.calibration import best_threshold, calibrate_vlm_guard
 from vlm_safety_plugins.steering.readout import last_prompt_states
 from vlm_safety_plugins.testing import tiny_vlm
 
@@ -184,3 +188,26 @@ def test_config_errors_name_the_key(options, path, fragment):
     with pytest.raises(vsp.ConfigError) as caught:
         vsp.load_config({"defenses": {"vlm_guard": options}})
     assert caught.value.path == path and fragment in str(caught.value)
+
+
+def test_an_image_conditioned_tau_separates_the_pairs_asked_with_a_corrupted_image(tmp_path):
+    """``tau_from="image"`` keeps the text-taught subspace and moves only τ: to the best cut between the
+    harmful and harmless pairs' projections when each is asked beside a corrupted (content-free) image."""
+    model, processor = testbed.load_vlm()
+    pairs = vlm_guard_pairs("builtin:testbed_vlm_guard_pairs.jsonl")[0][:24]
+    text = calibrate_vlm_guard(model, processor, pairs, rank=2, batch_size=len(pairs))
+    image = calibrate_vlm_guard(model, processor, pairs, rank=2, tau_from="image", batch_size=len(pairs))
+    adapter = find_adapter(model, processor)
+    corrupted = adapter.corrupted_image("blank", size=adapter.image_size())
+    requests = [(bad, corrupted) for bad, _ in pairs] + [(good, corrupted) for _, good in pairs]
+    layers = sorted(image.bases)
+    states = last_prompt_states(model, adapter, adapter.build_inputs(requests), layers)
+    for layer in layers:
+        torch.testing.assert_close(image.bases[layer], text.bases[layer])
+        direction = image.bases[layer][0].double()
+        projections = states[layer].double() @ direction
+        expected, _ = best_threshold(projections[: len(pairs)], projections[len(pairs) :])
+        assert image.thresholds[layer] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert any(image.thresholds[layer] != pytest.approx(text.thresholds[layer], rel=1e-3) for layer in layers)
+    reloaded = SafetySubspace.load(image.save(tmp_path / "guard.safetensors"))
+    assert reloaded.tau_from == "image" and reloaded.thresholds == pytest.approx(image.thresholds)

@@ -17,7 +17,7 @@ from .core.config import SafetyConfig, load_config
 from .core.errors import AdapterError, ArtifactError, ConfigError, DefenseError, ModelLoadError, VLMSafetyError
 from .core.hookspecs import hookimpl
 from .core.lazy import lazy_exports
-from .core.options import option
+from .core.options import Strength, option
 from .core.report import MODIFIED, PASS, REFUSED, DefenseRecord, SafetyReport
 
 _LAZY = {
@@ -43,6 +43,9 @@ _LAZY = {
     "attach": ".core.runtime",
     "detach": ".core.runtime",
     "get_attachment": ".core.runtime",
+    "TuneError": ".tuning.sweep",
+    "TuneResult": ".tuning.run",
+    "tune": ".tuning.run",
 }
 
 __all__ = [
@@ -73,7 +76,10 @@ __all__ = [
     "SafetyReport",
     "SafetySubspace",
     "SentenceBoundaryCriteria",
+    "Strength",
     "SubspaceIntervention",
+    "TuneError",
+    "TuneResult",
     "VLMSafetyError",
     "attach",
     "calibrate_cmrm",
@@ -83,6 +89,7 @@ __all__ = [
     "hookimpl",
     "load_config",
     "option",
+    "tune",
 ]
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from .options import NoOptions
+from .options import NoOptions, Strength
 
 if TYPE_CHECKING:
     import torch
@@ -216,6 +216,8 @@ class Defense:
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
     description: ClassVar[str] = ""
+    strength: ClassVar[tuple[Strength, ...]] = ()
+    """The options ``vlm-safety tune`` sweeps, each with its values, weakest first (none: not tunable)."""
 
     def __init__(self, options: Any, resources: Resources):
         self.options = options

@@ -54,6 +54,28 @@ class NoOptions:
     """Options of a defense that takes none."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Strength:
+    """An option that sets how hard a defense acts, and the values ``vlm-safety tune`` tries.
+
+    ``option`` is a key of the defense's options (dotted for a nested one, ``best_of_n.n``);
+    ``values`` go from the weakest setting to the strongest. ``refine``: a number that can
+    switch the outcome sharply between two neighbours, so the tuner bisects between the
+    strongest value that keeps the utility budget and the next one, which does not.
+    """
+
+    option: str
+    values: tuple[Any, ...]
+    refine: bool = False
+    doc: str = ""
+
+    def __post_init__(self):
+        if not self.values:
+            raise ValueError(f"Strength {self.option!r}: give at least one value")
+        if self.refine and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.values):
+            raise ValueError(f"Strength {self.option!r}: only numbers can be refined")
+
+
 def parse_options(cls: type, data: Any, *, path: str, source: str | None) -> Any:
     """Validate ``data`` (a mapping or None) against the options dataclass ``cls``."""
     if data is None:

@@ -45,6 +45,7 @@ BUILTIN_PLUGINS = (  # each light to import: hook bodies import their classes
     "vlm_safety_plugins.scorers.builtin",
     "vlm_safety_plugins.evaluation.builtin",
     "vlm_safety_plugins.serving",
+    "vlm_safety_plugins.tuning",
     "vlm_safety_plugins.defenses.adashield",
     "vlm_safety_plugins.defenses.cmrm",
     "vlm_safety_plugins.defenses.vlm_guard",

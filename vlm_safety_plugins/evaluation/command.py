@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import inspect
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -44,36 +46,107 @@ def _typed_options(pairs: tuple[str, ...], target, hint: str) -> dict:
     return options
 
 
+def evaluation_options(command):
+    """The options of a command that answers a benchmark with a model (``eval``, ``tune``)."""
+    options = [
+        click.option(
+            "--model",
+            "model_name",
+            help="tiny-llava, tiny-qwen2-vl, tiny-gemma3 (or another offline model "
+            "name), or a hub id / local directory, loaded as `vlm-safety generate` does.",
+        ),
+        click.option(
+            "--benchmark",
+            "benchmark_spec",
+            metavar="NAME:PATH|PATH",
+            help="mm-safetybench:DIR, figstep-safebench:CSV|DIR, spa-vl:PARQUET|DIR, vlsafe:JSONL, "
+            "advbench:CSV, jsonl:FILE, testbed[:SPLIT], figstep:SPEC (SPEC rendered FigStep-style), "
+            "or a bare path whose format is recognised.",
+        ),
+        click.option(
+            "-O",
+            "--benchmark-option",
+            "benchmark_options",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Loader option, repeatable: e.g. variant=SD_TYPO, scenarios=01-Illegal_Activitiy, "
+            "images=DIR, label=benign, n=200, seed=1.",
+        ),
+        click.option("--limit", type=click.IntRange(min=0), help="Only the first K samples."),
+        click.option(
+            "--batch-size", default=1, show_default=True, type=click.IntRange(min=1), help="Samples per generate call."
+        ),
+        click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1)),
+        click.option(
+            "--judge",
+            "judge_name",
+            default="refusal",
+            show_default=True,
+            help="Registered judge: refusal (string matcher), llama_guard (needs -J model=...), or a plugin's.",
+        ),
+        click.option(
+            "-J",
+            "--judge-option",
+            "judge_options",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Judge option, repeatable: e.g. model=meta-llama/Llama-Guard-3-8B, window=300.",
+        ),
+        click.option(
+            "--seed", default=0, show_default=True, help="Seed for sampling and for the tiny models' weights."
+        ),
+        click.option("--device", default="cpu", show_default=True, help="torch device to run the model on."),
+        cli_options.trust_remote_code_option,
+    ]
+    for decorate in reversed(options):
+        command = decorate(command)
+    return command
+
+
+@dataclass
+class Evaluation:
+    """What ``evaluation_options`` load: the model, the samples, the judge's options, the run's label."""
+
+    model: Any
+    processor: Any
+    samples: list
+    judge_options: dict
+    label: str
+
+
+def load_evaluation(model_name, benchmark_spec, benchmark_options, judge_name, judge_options, out_dir, seed, device):
+    """The model and samples of ``evaluation_options``; a ClickException for bad input."""
+    import vlm_safety_plugins as vsp
+
+    from .. import cli
+    from ..core import plugins
+    from . import benchmarks
+
+    if not model_name or not benchmark_spec:
+        raise click.UsageError("--model and --benchmark are required")
+    try:
+        _, loader, _ = benchmarks.resolve(benchmark_spec)
+        loader_options = _typed_options(benchmark_options, loader, "'-O' / '--benchmark-option'")
+        samples = benchmarks.load_benchmark(
+            benchmark_spec, figstep_dir=Path(out_dir) / "figstep_images", **loader_options
+        )
+        judge_cls = plugins.get_judge(judge_name)
+        judge_kwargs = _typed_options(judge_options, judge_cls, "'-J' / '--judge-option'")
+    except vsp.VLMSafetyError as error:
+        raise click.ClickException(str(error)) from None
+    model, processor = cli.load_model(model_name, seed)
+    model.to(device)
+    return Evaluation(model, processor, samples, judge_kwargs, " ".join([benchmark_spec, *sorted(benchmark_options)]))
+
+
 @click.command("eval")
 @click.argument("runs", nargs=-1, type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--model",
-    "model_name",
-    help="tiny-llava, tiny-qwen2-vl, tiny-gemma3 (or another offline model "
-    "name), or a hub id / local directory, loaded as `vlm-safety generate` does.",
-)
+@evaluation_options
 @click.option(
     "--config",
     "config_path",
     type=click.Path(exists=True, dir_okay=False),
     help="Safety config (YAML). Without it the model is evaluated undefended (vanilla).",
-)
-@click.option(
-    "--benchmark",
-    "benchmark_spec",
-    metavar="NAME:PATH|PATH",
-    help="mm-safetybench:DIR, figstep-safebench:CSV|DIR, spa-vl:PARQUET|DIR, vlsafe:JSONL, "
-    "advbench:CSV, jsonl:FILE, testbed[:SPLIT], figstep:SPEC (SPEC rendered FigStep-style), "
-    "or a bare path whose format is recognised.",
-)
-@click.option(
-    "-O",
-    "--benchmark-option",
-    "benchmark_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Loader option, repeatable: e.g. variant=SD_TYPO, scenarios=01-Illegal_Activitiy, "
-    "images=DIR, label=benign, n=200, seed=1.",
 )
 @click.option(
     "--out",
@@ -82,29 +155,6 @@ def _typed_options(pairs: tuple[str, ...], target, hint: str) -> dict:
     type=click.Path(file_okay=False),
     help="Run folder (created; an unfinished run there resumes). With --compare: where the comparison goes.",
 )
-@click.option("--limit", type=click.IntRange(min=0), help="Only the first K samples.")
-@click.option(
-    "--batch-size", default=1, show_default=True, type=click.IntRange(min=1), help="Samples per generate call."
-)
-@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--judge",
-    "judge_name",
-    default="refusal",
-    show_default=True,
-    help="Registered judge: refusal (string matcher), llama_guard (needs -J model=...), or a plugin's.",
-)
-@click.option(
-    "-J",
-    "--judge-option",
-    "judge_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Judge option, repeatable: e.g. model=meta-llama/Llama-Guard-3-8B, window=300.",
-)
-@click.option("--seed", default=0, show_default=True, help="Seed for sampling and for the tiny models' weights.")
-@click.option("--device", default="cpu", show_default=True, help="torch device to run the model on.")
-@cli_options.trust_remote_code_option
 @click.option(
     "--compare",
     is_flag=True,
@@ -142,44 +192,31 @@ def eval_command(
             raise click.UsageError("--compare needs the run folders to compare")
         _compare(runs, out_dir)
         return
-    if not model_name or not benchmark_spec:
-        raise click.UsageError("--model and --benchmark are required (or --compare with run folders)")
     from .. import cli
-    from ..core import plugins
-    from . import benchmarks
     from .run import run_eval
 
     config = cli.read_config(config_path)
-    try:
-        _, loader, _ = benchmarks.resolve(benchmark_spec)
-        loader_options = _typed_options(benchmark_options, loader, "'-O' / '--benchmark-option'")
-        samples = benchmarks.load_benchmark(
-            benchmark_spec, figstep_dir=Path(out_dir) / "figstep_images", **loader_options
-        )
-        judge_cls = plugins.get_judge(judge_name)
-        judge_kwargs = _typed_options(judge_options, judge_cls, "'-J' / '--judge-option'")
-    except vsp.VLMSafetyError as error:
-        raise click.ClickException(str(error)) from None
-    label = " ".join([benchmark_spec, *sorted(benchmark_options)])
-    model, processor = cli.load_model(model_name, seed)
-    model.to(device)
+    loaded = load_evaluation(
+        model_name, benchmark_spec, benchmark_options, judge_name, judge_options, out_dir, seed, device
+    )
+    samples = loaded.samples
     total = len(samples) if limit is None else min(limit, len(samples))
     try:
         with click.progressbar(length=total, label=f"eval: {total} samples", file=sys.stderr) as bar:
             summary = run_eval(
-                model,
-                processor,
+                loaded.model,
+                loaded.processor,
                 config,
                 samples,
                 out_dir,
                 judge=judge_name,
-                judge_options=judge_kwargs,
+                judge_options=loaded.judge_options,
                 batch_size=batch_size,
                 max_new_tokens=max_new_tokens,
                 limit=limit,
                 seed=seed,
                 model_name=model_name,
-                benchmark=label,
+                benchmark=loaded.label,
                 progress=bar.update,
                 trust_remote_code=trust_remote_code,
             )

@@ -103,6 +103,8 @@ class GatewayRequest:
             )
             if own and job.min_tokens:
                 extra["min_tokens"] = job.min_tokens
+            if self._engine.capabilities.add_special_tokens:
+                extra["add_special_tokens"] = True
         if self._engine_flags is not None:
             extra["vllm_xargs"] = {GENERATION_CONFIG_KEY: self._engine_flags}
         stop = list(stop) if stop is not None else job.stop

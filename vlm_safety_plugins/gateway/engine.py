@@ -21,7 +21,7 @@ import torch
 from ..core import plugins
 from ..core.config import SafetyConfig
 from ..core.defense import DefenseInstances, Resources
-from ..core.errors import ConfigError, GenerationCancelled
+from ..core.errors import AdapterError, ConfigError, GenerationCancelled
 from ..core.options import options_to_dict
 from ..core.policy import Policy
 from ..core.report import DefenseRecord
@@ -50,6 +50,7 @@ class UpstreamEngine(Engine):
         concurrency: int = 64,
         trust_remote_code: bool = False,
         device: str | None = None,
+        tokenizer: str | None = None,
     ):
         super().__init__(model_id or upstream.model, policy)
         self.upstream, self.concurrency = upstream, concurrency
@@ -61,6 +62,8 @@ class UpstreamEngine(Engine):
         self._defenses = DefenseInstances(self.resources)
         self._slots = asyncio.Semaphore(concurrency)
         self._openings: dict[str, int] = {}
+        self._text_checks = _text_checks(tokenizer, trust_remote_code) if tokenizer is not None else None
+        """The served model's adapter, for its special tokens in text (None: no tokenizer given)."""
 
     def check_policy(self) -> None:
         """The operator's defenses against what the upstream can do; its engine-side ones sent once."""
@@ -128,6 +131,11 @@ class UpstreamEngine(Engine):
             gateway, engine_flags = self.split(config, self._by_name.resolve(flags)[0])
         except ConfigError as error:
             raise policy_violation(error) from None
+        if self._text_checks is not None:
+            try:
+                self._text_checks.check_conversation(job.messages)
+            except AdapterError as error:
+                raise APIError(400, str(error), param="messages") from None
         if job.min_tokens and not self.capabilities.extensions:
             raise APIError(400, f"min_tokens: {self.upstream.base_url} takes no min_tokens", param="min_tokens")
         request = GatewayRequest(self, job, gateway, origins, self._defenses.of(gateway), engine_flags)
@@ -168,3 +176,12 @@ class UpstreamEngine(Engine):
 
     def close(self) -> None:
         self.upstream.close()
+
+
+def _text_checks(tokenizer: str, trust_remote_code: bool):
+    from ..core.adapters.base import processor_adapter
+
+    try:
+        return processor_adapter(tokenizer, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--tokenizer {tokenizer}: cannot load its processor or tokenizer: {error}") from None

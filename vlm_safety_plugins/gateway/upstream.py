@@ -10,6 +10,13 @@ standard API is probed once at start (``probe``), never assumed:
   engine-side defenses need: a request whose ``vllm_xargs`` misspell a config key is
   answered 400 naming the key; an engine without the plugin ignores ``vllm_xargs`` (vLLM)
   or refuses the field (others).
+- ``add_special_tokens``: whether to ask for the tokenizer's BOS on every request. vLLM
+  tokenizes a rendered chat template without special tokens; the transformers processor
+  adds the BOS to a template that does not write it (llava-hf's does not). Where the
+  upstream's chat prompt lacks the one leading token ``add_special_tokens`` would add, the
+  gateway asks for it, so the engine sees the prompt transformers builds, the one the
+  defenses were calibrated and tested on; where the template writes the BOS, it does not
+  (never a double BOS).
 
 An upstream that fails (unreachable, dies mid-answer, answers 5xx) is a 502, one that is
 overloaded a 503: never an answer the defenses did not see. Requests go out as plain JSON
@@ -42,6 +49,7 @@ class Capabilities:
 
     extensions: bool
     plugin: bool
+    add_special_tokens: bool
 
 
 class UpstreamError(APIError):
@@ -76,7 +84,7 @@ class Upstream:
     # -- at start ------------------------------------------------------------------------------
 
     def probe(self) -> Capabilities:
-        """What the upstream can do (two one-token requests)."""
+        """What the upstream can do (one-token requests)."""
         body = {"model": self.model, "messages": PROBE_MESSAGES, "n": 2, "max_tokens": 1, "temperature": 1.0}
         body.update(extension_fields(choices=2, top_k=2, answer_opening=True))
         try:
@@ -90,7 +98,21 @@ class Upstream:
             plugin = False
         except UpstreamError as error:
             plugin = error.status == 400 and "defences" in error.message
-        return Capabilities(extensions, plugin)
+        return Capabilities(extensions, plugin, extensions and self._prompt_lacks_bos())
+
+    def _prompt_lacks_bos(self) -> bool:
+        """Whether asking for special tokens adds exactly one leading token the chat prompt lacks."""
+        body = {"model": self.model, "messages": PROBE_MESSAGES[:1], "max_tokens": 1, "return_token_ids": True}
+        try:
+            plain, special = (
+                self._post({**body, "add_special_tokens": added}).get("prompt_token_ids") or []
+                for added in (False, True)
+            )
+        except UpstreamError as error:
+            if error.status >= 500:
+                raise
+            return False  # it refused the fields: it gets the prompt it builds
+        return len(special) == len(plain) + 1 and special[1:] == plain and special[:1] != plain[:1]
 
     def check_flags(self, flags: str) -> None:
         """Send ``flags`` (a JSON safety config) on a one-token request; UpstreamError if refused."""

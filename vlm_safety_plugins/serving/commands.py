@@ -21,6 +21,12 @@ UPSTREAM_API_KEY_ENV = "VLM_SAFETY_UPSTREAM_API_KEY"
 )
 @click.option("--upstream-model", help="The model id the upstream serves (default: the one it lists).")
 @click.option(
+    "--tokenizer",
+    help="With --upstream: the served model's processor or tokenizer (hub id or folder), so that text holding "
+    "its special tokens (an image placeholder, a turn marker) is refused as with --model; without it, text "
+    "reaches the engine unchecked.",
+)
+@click.option(
     "--upstream-api-key", envvar=UPSTREAM_API_KEY_ENV, help=f"The upstream's API key (or {UPSTREAM_API_KEY_ENV})."
 )
 @click.option(
@@ -77,6 +83,7 @@ def serve_command(
     upstream,
     upstream_model,
     upstream_api_key,
+    tokenizer,
     config_path,
     host,
     port,
@@ -104,6 +111,8 @@ def serve_command(
 
     if (model_name is None) == (upstream is None):
         raise click.UsageError("give exactly one of --model (generate here) and --upstream (an engine that generates)")
+    if tokenizer is not None and upstream is None:
+        raise click.UsageError("--tokenizer is for --upstream (with --model, the model's own processor checks text)")
     try:  # cheap checks first, so a bad policy fails before a model loads
         policy = load_policy(config_path)
     except ConfigError as error:
@@ -123,6 +132,7 @@ def serve_command(
                 model_id=served_model_name,
                 concurrency=concurrency or 64,
                 trust_remote_code=trust_remote_code,
+                tokenizer=tokenizer,
             )
         else:
             from .engines.transformers_engine import TransformersEngine

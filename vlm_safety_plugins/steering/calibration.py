@@ -59,3 +59,19 @@ def advance(progress: Progress | None, count: int) -> None:
     """Report ``count`` processed anchors, if anyone listens."""
     if progress is not None:
         progress(count)
+
+
+def passes(progress: Progress | None, count: int) -> Progress | None:
+    """``progress`` for a calibration that goes over its anchors ``count`` times: each pass moves the
+    bar by its share, so the whole run fills it once."""
+    if progress is None or count == 1:
+        return progress
+    done = reported = 0.0
+
+    def share(anchors: int) -> None:
+        nonlocal done, reported
+        done += anchors / count
+        progress(int(done) - int(reported))
+        reported = done
+
+    return share

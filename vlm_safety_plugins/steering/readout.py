@@ -14,26 +14,31 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from .interventions import InterventionHooks
+from .interventions import Intervention, InterventionHooks
 
 
-def last_prompt_states(model, adapter, inputs: dict, layers: Iterable[int]) -> dict[int, torch.Tensor]:
+def last_prompt_states(
+    model, adapter, inputs: dict, layers: Iterable[int], steering: Sequence[Intervention] = ()
+) -> dict[int, torch.Tensor]:
     """Per layer, the layer's output at the last prompt position of each row (rows × d).
 
     ``inputs`` are left-padded model inputs (``adapter.build_inputs``), so the last prompt
     token is the last position of every row. States keep the model's device and dtype.
+    ``steering``: interventions active in the pass; a layer's state is read as the layer
+    produced it, so it carries the edits of the layers below, not its own.
     """
     layers = sorted({int(layer) for layer in layers})
     input_ids = inputs["input_ids"]
     extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(type(adapter.base_model)) else {}
+    rows = input_ids.shape[0]
     with (
         _hooks(model, adapter) as hooks,
         torch.no_grad(),
-        hooks.activate([], prompt_length=input_ids.shape[1], batch_size=input_ids.shape[0], read=layers) as active,
+        hooks.activate(steering, prompt_length=input_ids.shape[1], batch_size=rows, read=layers) as active,
     ):
         model(**inputs, use_cache=False, **extra)
     missing = [layer for layer in layers if layer not in active.prompt_states]

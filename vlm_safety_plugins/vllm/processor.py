@@ -93,9 +93,6 @@ class SafetyLogitsProcessor(LogitsProcessor):
     @functools.cached_property
     def _adapter(self):
         """The generic adapter over the model's processor: enough to tokenize an assistant turn's opening."""
-        from transformers import AutoProcessor
+        from ..core.adapters.base import processor_adapter
 
-        from ..core.adapters.base import ModelAdapter
-
-        processor = AutoProcessor.from_pretrained(self._tokenizer_source, trust_remote_code=self._trust_remote_code)
-        return ModelAdapter(None, processor)
+        return processor_adapter(self._tokenizer_source, trust_remote_code=self._trust_remote_code)

@@ -115,20 +115,29 @@ class ModelAdapter:
         """
         texts, images = [], []
         for row, messages in enumerate(conversations):
-            row_images = []
-            for message in messages:
-                content = message["content"]
-                for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
-                    if part["type"] == "text":
-                        self.check_user_text(part["text"], row)
-                    elif part["type"] == "image":
-                        row_images.append(part["image"].convert("RGB"))
-            images.append(row_images)
+            self.check_conversation(messages, row)
+            images.append(
+                [
+                    part["image"].convert("RGB")
+                    for message in messages
+                    if not isinstance(message["content"], str)
+                    for part in message["content"]
+                    if part["type"] == "image"
+                ]
+            )
             texts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
         try:
             return self.process(texts, images)
         except (ValueError, TypeError) as error:  # the processor's own checks (image size, aspect ratio, ...)
             raise AdapterError(f"the processor refused the request: {error}") from None
+
+    def check_conversation(self, messages: Sequence[dict], row: int = 0) -> None:
+        """``check_user_text`` on every text of a conversation, whoever's turn it is."""
+        for message in messages:
+            content = message["content"]
+            for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+                if part["type"] == "text":
+                    self.check_user_text(part["text"], row)
 
     def check_user_text(self, text: str, row: int = 0) -> None:
         """Refuse user text holding the model's special tokens (an image placeholder, a turn
@@ -311,6 +320,14 @@ class ModelAdapter:
         mask = self.image_token_mask(input_ids).int()
         starts = mask[:, 1:] > mask[:, :-1]
         return starts.sum(dim=1) + mask[:, 0]
+
+
+def processor_adapter(source: str, *, trust_remote_code: bool = False) -> ModelAdapter:
+    """The generic adapter over a model's processor alone (no weights), where only its text side is needed:
+    its special tokens, an assistant turn's opening ids (an engine or a gateway in front of one)."""
+    from transformers import AutoProcessor
+
+    return ModelAdapter(None, AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code))
 
 
 def find_adapter(model, processor) -> ModelAdapter:

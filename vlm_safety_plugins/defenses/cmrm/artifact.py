@@ -11,6 +11,8 @@ import torch
 from ...core.errors import ArtifactError
 from ...steering.artifacts import Artifact
 
+CALIBRATIONS = ("one_shot", "sequential")
+
 
 @dataclass(eq=False)
 class CmrmVectors(Artifact):
@@ -22,6 +24,9 @@ class CmrmVectors(Artifact):
     vectors: dict[int, torch.Tensor] = field(default_factory=dict)
     corruption: str = "blank"
     alpha: float = 1.0
+    """The α the vectors were measured for: 1 for one-shot vectors, the steering α for sequential ones."""
+    calibration: str = "one_shot"
+    """``one_shot`` (every layer from one unsteered pass, the paper) or ``sequential`` (calibration.py)."""
     orientation: dict = field(default_factory=dict)
 
     def _tensors_by_layer(self):
@@ -30,12 +35,16 @@ class CmrmVectors(Artifact):
     def summary(self) -> str:
         """One line on how the vectors were made and how well their direction checks out."""
         moved = ", ".join(f"{layer}: {share:.2f}" for layer, share in self.orientation.get("moved_closer", {}).items())
-        return f"corruption {self.corruption}; share of anchors moved closer to text-only per layer: {moved}"
+        return (
+            f"{self.calibration.replace('_', '-')} calibration (α {self.alpha:g}); corruption {self.corruption}; "
+            f"share of anchors moved closer to text-only per layer: {moved}"
+        )
 
     def _metadata(self):
         return {
             "corruption": self.corruption,
             "alpha": repr(self.alpha),
+            "calibration": self.calibration,
             "orientation_check": json.dumps(self.orientation),
         }
 
@@ -46,10 +55,17 @@ class CmrmVectors(Artifact):
             raise ArtifactError(
                 f"metadata `corruption` must be 'blank' or 'noise', got {corruption!r}", source=reader.source
             )
+        calibration = reader.values.get("calibration", "one_shot")  # artifacts made before it was recorded
+        if calibration not in CALIBRATIONS:
+            raise ArtifactError(
+                f"metadata `calibration` must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}",
+                source=reader.source,
+            )
         return cls(
             vectors=by_layer,
             corruption=corruption,
             alpha=reader.number("alpha"),
+            calibration=calibration,
             orientation=reader.json("orientation_check", dict),
             **common,
         )

@@ -25,7 +25,7 @@ import torch
 
 from ...core.defense import Defense, EngineWork
 from ...core.errors import ArtifactError, ConfigError, DefenseError
-from ...core.options import option
+from ...core.options import Strength, option
 from ...core.report import MODIFIED
 from ...steering.interventions import SCOPE_DOC, SCOPES, AddVector, check_engine_scope
 from .artifact import CmrmVectors
@@ -108,6 +108,14 @@ class Cmrm(Defense):
     name = "cmrm"
     Options = CmrmOptions
     description = "CMRM: adds the image-to-text-only shift back to image rows' hidden states (intervention)."
+    strength = (
+        Strength(
+            "alpha",
+            (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0),
+            refine=True,
+            doc="α switches sharply: on the testbed 39 → 2 unsafe of 78 between 0.35 and 0.4",
+        ),
+    )
 
     def __init__(self, options, resources):
         super().__init__(options, resources)

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 from ...core import plugins
 from ...core.defense import Defense, EngineWork
 from ...core.errors import ConfigError, DefenseError
-from ...core.options import option
+from ...core.options import Strength, option
 from ...core.report import MODIFIED
 from ...scorers.reward import BEST_OF_N_INSTRUCTION, POST_EVAL_INSTRUCTION
 from .best_of_n import GROWING_INPUTS, extend_context, keep_row, prefill_cache, recording_cache, sentence_best_of_n
@@ -97,6 +97,12 @@ class EtaOptions:
     text_only: Literal["post", "pass"] = option(
         "post", doc="Rows without an image: decided by the post-check alone (`post`), or never aligned (`pass`)."
     )
+    safe_images: Literal["pass", "post"] = option(
+        "pass",
+        doc="Rows whose images the pre-check judges safe: passed unaligned (`pass`, the paper), or decided by the "
+        "post-check alone (`post`, beyond the paper: catches a harmful question beside a harmless image, at one "
+        "reward-model call per answer, and those answers no longer stream live).",
+    )
     reward_sees: Literal["instruction", "question"] = option(
         "instruction",
         doc="What the reward model sees as the user turn: the reference's fixed safety "
@@ -116,6 +122,10 @@ class Eta(Defense):
     name = "eta"
     Options = EtaOptions
     description = "ETA: CLIP + reward-model evaluation, then interference prefix and sentence best-of-N."
+    strength = (  # a lower CLIP threshold and a higher reward threshold align more answers
+        Strength("pre_threshold", (0.22, 0.19, 0.16, 0.13, 0.10), refine=True),
+        Strength("post_threshold", (0.0, 0.03, 0.06, 0.09, 0.12), refine=True),
+    )
 
     @classmethod
     def conformance_options(cls, model, processor, workdir):
@@ -158,16 +168,12 @@ class Eta(Defense):
         started = time.perf_counter()
         image_embeddings, pre = self._pre_check(call)
         clip_s = time.perf_counter() - started
-        checked = [
-            row
-            for row in rows
-            if (pre[row] >= options.pre_threshold if pre[row] is not None else options.text_only == "post")
-        ]
+        checked = [row for row in rows if post_checked(options, pre[row])]
         for row, record in enumerate(records):
             if pre[row] is not None:
                 record.scores["pre"] = pre[row]
             record.details.update(
-                pre_unsafe=pre[row] is not None and row in checked, unsafe=False, aligned=False, time_s={"clip": clip_s}
+                pre_unsafe=pre_unsafe(options, pre[row]), unsafe=False, aligned=False, time_s={"clip": clip_s}
             )
         if not checked:  # every image judged safe: the vanilla answer streams live
             call.pass_stream(self.name)
@@ -354,6 +360,19 @@ def _evaluator(name: str, kind: str, key: str) -> type:
             f"eta: {key} names no registered {kind} evaluator {name!r}; registered: {', '.join(known) or 'none'}"
         )
     return registered[name].cls
+
+
+def pre_unsafe(options: EtaOptions, pre: float | None) -> bool:
+    """Whether the pre-check judged a row's images unsafe (a row without images: no)."""
+    return pre is not None and pre >= options.pre_threshold
+
+
+def post_checked(options: EtaOptions, pre: float | None) -> bool:
+    """Whether a row goes on to the reward post-check: its images judged unsafe, or, as the options
+    say, a row without images (``text_only``) or one whose images were judged safe (``safe_images``)."""
+    if pre is None:
+        return options.text_only == "post"
+    return pre_unsafe(options, pre) or options.safe_images == "post"
 
 
 def pre_check(clip, images: list[list]) -> tuple[list, list[float | None]]:

@@ -26,7 +26,7 @@ from ...core.defense import Completion
 from ...core.report import MODIFIED
 from ...gateway.batching import Batcher
 from ...scorers.reward import BEST_OF_N_INSTRUCTION, POST_EVAL_INSTRUCTION
-from .defense import pre_check, sentence_scores
+from .defense import post_checked, pre_check, pre_unsafe, sentence_scores
 
 TEXT_STOPS = (". ", "? ", "! ", "\n")
 """Sentence ends as stop strings (vLLM takes at most four)."""
@@ -50,20 +50,21 @@ async def around_upstream(eta, call, proceed) -> list[Completion]:
     if call.images:
         scored = await _image_batcher(eta, call)(call.images)
         embeddings, pre = torch.cat([embedding for embedding, _ in scored]), max(score for _, score in scored)
-    checked = pre >= options.pre_threshold if pre is not None else options.text_only == "post"
+    checked, image_unsafe = post_checked(options, pre), pre_unsafe(options, pre)
     time_s = {"clip": time.perf_counter() - started}
     for record in records:
         record.ran = True
         if pre is not None:
             record.scores["pre"] = pre
-        details = {"pre_unsafe": pre is not None and checked, "unsafe": False, "aligned": False}
+        details = {"pre_unsafe": image_unsafe, "unsafe": False, "aligned": False}
         record.details.update(details, time_s=dict(time_s))
     if not checked:  # the image is safe: the vanilla answer streams live
         call.pass_stream(eta.name)
         return await proceed()
 
+    speculate = options.speculate and image_unsafe  # a safe image under `safe_images: post` rarely aligns
     speculated = [
-        asyncio.create_task(align(eta, call, embeddings, choice)) if options.speculate else None for choice in choices
+        asyncio.create_task(align(eta, call, embeddings, choice)) if speculate else None for choice in choices
     ]
     try:
         started = time.perf_counter()

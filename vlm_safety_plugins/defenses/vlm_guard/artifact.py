@@ -13,6 +13,9 @@ import torch
 from ...core.errors import ArtifactError
 from ...steering.artifacts import Artifact
 
+TAU_FROM = ("text", "image")
+"""The anchors a gate threshold can be calibrated on: text only, or asked with a corrupted image."""
+
 
 @dataclass(eq=False)
 class SafetySubspace(Artifact):
@@ -26,6 +29,8 @@ class SafetySubspace(Artifact):
     thresholds: dict[int, float] = field(default_factory=dict)
     default_layers: list[int] = field(default_factory=list)
     orientation: dict = field(default_factory=dict)
+    tau_from: str = "text"
+    """The anchors τ separates: text only (the paper), or asked with a corrupted image (calibration.py)."""
 
     @property
     def rank(self) -> int:
@@ -42,8 +47,8 @@ class SafetySubspace(Artifact):
             for layer, check in checks.items()
         )
         return (
-            f"rank {self.rank}; default layers {self.default_layers}; per layer τ and share of pairs with "
-            f"harmful above harmless: {per_layer}"
+            f"rank {self.rank}; default layers {self.default_layers}; τ from {self.tau_from} anchors; per layer τ "
+            f"and share of pairs with harmful above harmless: {per_layer}"
         )
 
     def _metadata(self):
@@ -52,11 +57,17 @@ class SafetySubspace(Artifact):
             "tau": json.dumps({str(layer): tau for layer, tau in self.thresholds.items()}),
             "default_layers": json.dumps(self.default_layers),
             "orientation_check": json.dumps(self.orientation),
+            "tau_from": self.tau_from,
         }
 
     @classmethod
     def _from_parts(cls, by_layer, reader, **common):
         taus = reader.json("tau", dict)
+        tau_from = reader.values.get("tau_from", "text")  # artifacts made before it was recorded
+        if tau_from not in TAU_FROM:
+            raise ArtifactError(
+                f"metadata `tau_from` must be one of {', '.join(TAU_FROM)}, got {tau_from!r}", source=reader.source
+            )
         try:
             thresholds = {int(layer): float(tau) for layer, tau in taus.items()}
         except (TypeError, ValueError):
@@ -68,6 +79,7 @@ class SafetySubspace(Artifact):
             thresholds=thresholds,
             default_layers=reader.json("default_layers", list),
             orientation=reader.json("orientation_check", dict),
+            tau_from=tau_from,
             **common,
         )
         rank = reader.integer("rank")

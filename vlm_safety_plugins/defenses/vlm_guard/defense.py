@@ -25,7 +25,7 @@ import torch
 
 from ...core.defense import Defense, EngineWork
 from ...core.errors import ArtifactError, ConfigError
-from ...core.options import option
+from ...core.options import Strength, option
 from ...core.report import MODIFIED
 from ...steering.interventions import SCOPE_DOC, SCOPES, AddPromptProjection, Gate, ProjectOut, check_engine_scope
 from .artifact import SafetySubspace
@@ -127,6 +127,10 @@ class VlmGuard(Defense):
     name = "vlm_guard"
     Options = VlmGuardOptions
     description = "VLM-Guard: project out / gated amplify of the text-taught safety subspace (intervention)."
+    strength = (  # τ is the artifact's own (calibrated per layer): sweep it with values, e.g. tau=0.1,0.2
+        Strength("mode", ("project_out", "gated_amplify", "both")),
+        Strength("rank", (1, 2, 3, 5)),  # a rank past the artifact's is skipped, saying so
+    )
 
     def __init__(self, options, resources):
         super().__init__(options, resources)
