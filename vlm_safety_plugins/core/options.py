@@ -72,8 +72,13 @@ class Strength:
     def __post_init__(self):
         if not self.values:
             raise ValueError(f"Strength {self.option!r}: give at least one value")
-        if self.refine and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.values):
+        if self.refine and not all(is_number(value) for value in self.values):
             raise ValueError(f"Strength {self.option!r}: only numbers can be refined")
+
+
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def parse_options(cls: type, data: Any, *, path: str, source: str | None) -> Any:
@@ -186,7 +191,7 @@ def _coerce(tp: Any, value: Any, *, path: str, source: str | None) -> Any:
         return [_coerce(args[0], item, path=f"{path}[{i}]", source=source) for i, item in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         return parse_options(tp, value, path=path, source=source)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if tp is float and is_number(value):
         try:
             number = float(value)
         except OverflowError:  # an int beyond any float

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from ..core import plugins
-from ..core.config import SafetyConfig
+from ..core.config import SafetyConfig, read_yaml_file
 from ..core.defense import Resources
 from ..core.errors import VLMSafetyError
 from ..evaluation.plots import new_figure, save_figure
@@ -85,15 +85,36 @@ def tune(
     samples = list(samples)
     out = Path(out_dir)
     resources = Resources(trust_remote_code=trust_remote_code)
-    settings = {"out": out, "samples": samples, "objective": objective, "progress": progress, "evaluation": evaluation}
-    settings.update(model=model, processor=processor, trust_remote_code=trust_remote_code)
+
+    def measured(point: Point, config: dict | None) -> Point:
+        """``point`` with the rates of its run_eval (resumed where its folder has answers)."""
+        label = point.label() if config else "vanilla"
+        bar_context = progress(label, len(samples)) if progress else contextlib.nullcontext()
+        with bar_context as bar:
+            summary = run_eval(
+                model,
+                processor,
+                config,
+                samples,
+                point.folder,
+                progress=bar.update if bar is not None else None,
+                trust_remote_code=trust_remote_code,
+                **evaluation,
+            )
+        by_image = objective == "image"
+        unsafe = summary["harmful_unsafe_by_input"]["image"] if by_image else summary["harmful_safety"]["unsafe"]
+        benign = summary["benign_accuracy"]
+        point.unsafe, point.benign = unsafe["rate"], benign["rate"]
+        point.counts = {"unsafe_count": _count(unsafe), "benign_count": _count(benign)}
+        point.defense_errors = summary["defense_errors"]
+        return point
 
     def parsed(point_values: dict) -> tuple[dict, SafetyConfig]:
         config = sweep.point_config(base, defense, point_values)
         try:
             return config, SafetyConfig.from_dict(config, source=f"tune {defense}")
         except VLMSafetyError as error:
-            raise TuneError(f"the setting {_label(point_values)} is not a valid config: {error}") from None
+            raise TuneError(f"the setting {sweep.label(point_values)} is not a valid config: {error}") from None
 
     def evaluate(point_values: dict, stage: str, checked: tuple[dict, SafetyConfig] | None = None) -> Point:
         config, safety = checked or parsed(point_values)
@@ -103,10 +124,10 @@ def tune(
         except VLMSafetyError as error:
             point.invalid = str(error)
             return point
-        return _measured(point, config, settings)
+        return measured(point, config)
 
     planned = [(point_values, parsed(point_values)) for point_values in sweep.grid(swept)]  # bad values: before any run
-    vanilla = _measured(Point({}, str(out / POINTS / "vanilla"), stage="vanilla"), None, settings)
+    vanilla = measured(Point({}, str(out / POINTS / "vanilla"), stage="vanilla"), None)
     floor = sweep.floor_of(vanilla, budget)
     if vanilla.unsafe is None:
         what = "harmful requests with an image" if objective == "image" else "harmful requests"
@@ -161,11 +182,8 @@ def _base_mapping(base_config, defense: str) -> dict:
         data: Any = {}
     elif isinstance(base_config, Mapping):
         data = dict(base_config)
-    else:
-        try:
-            data = yaml.safe_load(Path(base_config).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise TuneError(f"cannot read the base config {base_config}: {error}") from None
+    else:  # the config reader's limits (size, depth, aliases, duplicate keys) hold here too
+        data = read_yaml_file(base_config) or {}
     if not isinstance(data, Mapping):
         raise TuneError(f"the base config must be a mapping with `defenses`; got {type(data).__name__}")
     SafetyConfig.from_dict(data, source=str(base_config) if base_config is not None else "<base config>")
@@ -175,36 +193,8 @@ def _base_mapping(base_config, defense: str) -> dict:
     return data
 
 
-def _measured(point: Point, config: dict | None, settings: dict) -> Point:
-    """``point`` with the rates of its run_eval (resumed where its folder has answers)."""
-    progress = settings["progress"]
-    total = len(settings["samples"])
-    with progress(f"{point.label() if config else 'vanilla'}", total) if progress else contextlib.nullcontext() as bar:
-        summary = run_eval(
-            settings["model"],
-            settings["processor"],
-            config,
-            settings["samples"],
-            point.folder,
-            progress=bar.update if bar is not None else None,
-            trust_remote_code=settings["trust_remote_code"],
-            **settings["evaluation"],
-        )
-    by_image = settings["objective"] == "image"
-    unsafe = summary["harmful_unsafe_by_input"]["image"] if by_image else summary["harmful_safety"]["unsafe"]
-    benign = summary["benign_accuracy"]
-    point.unsafe, point.benign = unsafe["rate"], benign["rate"]
-    point.counts = {"unsafe_count": f"{unsafe['count']}/{unsafe['total']}", "benign_count": _count(benign)}
-    point.defense_errors = summary["defense_errors"]
-    return point
-
-
 def _count(rate: dict) -> str:
     return f"{rate['count']}/{rate['total']}"
-
-
-def _label(values: Mapping[str, Any]) -> str:
-    return Point(dict(values), "").label()
 
 
 def _slug(values: Mapping[str, Any]) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.errors import VLMSafetyError
-from ..core.options import Strength
+from ..core.options import Strength, is_number
 
 OBJECTIVES = ("image", "all")
 """Which unsafe rate to minimise: harmful requests with an image (the degradation these
@@ -45,18 +45,17 @@ class Point:
     stage: str = "grid"
 
     def label(self) -> str:
-        return ", ".join(f"{key}={value}" for key, value in self.values.items()) or "base config"
+        return label(self.values)
+
+    @property
+    def ran(self) -> bool:
+        """It ran and its defense never failed: its rates can be trusted."""
+        return self.invalid is None and not self.defense_errors
 
     def meets(self, floor: float) -> bool:
-        return (
-            self.invalid is None
-            and not self.defense_errors
-            and self.unsafe is not None
-            and self.benign is not None
-            and self.benign >= floor
-        )
+        return self.ran and self.unsafe is not None and self.benign is not None and self.benign >= floor
 
-    def to_dict(self, floor: float | None = None) -> dict:
+    def to_dict(self, floor: float) -> dict:
         record = {
             "values": self.values,
             "stage": self.stage,
@@ -68,9 +67,13 @@ class Point:
         }
         if self.invalid is not None:
             record["invalid"] = self.invalid
-        if floor is not None:
-            record["meets_budget"] = self.meets(floor)
+        record["meets_budget"] = self.meets(floor)
         return record
+
+
+def label(values: Mapping[str, Any]) -> str:
+    """A setting as people read it: ``alpha=0.35``, ``mode=both, rank=2``."""
+    return ", ".join(f"{key}={value}" for key, value in values.items()) or "base config"
 
 
 def strengths(declared: Sequence[Strength], values: Mapping[str, Sequence[Any]] | None) -> list[Strength]:
@@ -81,11 +84,11 @@ def strengths(declared: Sequence[Strength], values: Mapping[str, Sequence[Any]] 
     for strength in declared:
         if strength.option in values:
             given = tuple(values.pop(strength.option))
-            refine = strength.refine and all(_is_number(value) for value in given)
+            refine = strength.refine and all(is_number(value) for value in given)
             strength = Strength(strength.option, given, refine=refine, doc=strength.doc)
         chosen.append(strength)
     for option, given in values.items():  # refined when real-valued: an integer option takes no midpoint
-        real = all(_is_number(value) for value in given) and any(isinstance(value, float) for value in given)
+        real = all(is_number(value) for value in given) and any(isinstance(value, float) for value in given)
         chosen.append(Strength(option, tuple(given), refine=real))
     return chosen
 
@@ -127,13 +130,13 @@ def select(points: Sequence[Point], floor: float) -> Point | None:
 
 def closest(points: Sequence[Point]) -> Point | None:
     """The point that came nearest the budget: the highest benign accuracy, then the lowest unsafe rate."""
-    valid = [p for p in points if p.invalid is None and not p.defense_errors and p.benign is not None]
+    valid = [p for p in points if p.ran and p.benign is not None]
     return max(valid, key=lambda point: (point.benign, -(point.unsafe or 0.0)), default=None)
 
 
 def safest(points: Sequence[Point]) -> Point | None:
     """The setting with the lowest unsafe rate, whatever its benign accuracy (then the higher benign accuracy)."""
-    valid = [p for p in points if p.invalid is None and not p.defense_errors and p.unsafe is not None]
+    valid = [p for p in points if p.ran and p.unsafe is not None]
     return min(valid, key=lambda point: (point.unsafe, -(point.benign or 0.0)), default=None)
 
 
@@ -169,7 +172,3 @@ def _position(strength: Strength, value) -> float:
 
 def _same_except(values: Mapping, other: Mapping, option: str) -> bool:
     return all(values.get(key) == other.get(key) for key in set(values) | set(other) if key != option)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
