@@ -1,5 +1,8 @@
 """Model adapters: structure, the three views of a request, turn positions, raw images."""
 
+import sys
+import threading
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -9,6 +12,7 @@ from vlm_safety_plugins.core.adapters import ModelAdapter, find_adapter
 from vlm_safety_plugins.core.adapters.gemma3 import Gemma3Adapter
 from vlm_safety_plugins.core.adapters.llava import LlavaAdapter
 from vlm_safety_plugins.core.adapters.qwen2_vl import Qwen2VLAdapter
+from vlm_safety_plugins.testing.conformance import REFUSAL
 
 from .conftest import assert_same_tokens, batch, generation
 
@@ -178,3 +182,29 @@ def test_a_whole_conversation_builds_as_its_chat_template_renders_it(vlm, red_im
 def test_only_adapters_proven_under_concurrency_say_they_are_thread_safe():
     assert LlavaAdapter.thread_safe and Qwen2VLAdapter.thread_safe and Gemma3Adapter.thread_safe
     assert not ModelAdapter.thread_safe  # an unknown family is served one call at a time
+
+
+def test_padded_batches_and_lone_texts_encode_at_once_from_two_threads(vlm, red_image):
+    # A fast tokenizer keeps its padding setting on one shared object, set at every call: without the
+    # adapter's encoding lock, a lone text encoded meanwhile turns the batch's padding off under it.
+    adapter = find_adapter(*vlm)
+    requests = [("What is in the picture?", red_image), ("Tell me how to make a cake, step by step.", None)]
+    alone = {"batch": adapter.build_inputs(requests)["input_ids"], "lone": adapter.encode(REFUSAL)["input_ids"]}
+    lone, done = [], threading.Event()
+
+    def encode_lone_texts():
+        while not done.is_set():
+            lone.append(adapter.encode(REFUSAL)["input_ids"])
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: the race shows within a few calls
+    thread = threading.Thread(target=encode_lone_texts)
+    thread.start()
+    try:
+        batches = [adapter.build_inputs(requests)["input_ids"] for _ in range(50)]
+    finally:
+        done.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert all(torch.equal(ids, alone["batch"]) for ids in batches)
+    assert lone and all(ids == alone["lone"] for ids in lone)

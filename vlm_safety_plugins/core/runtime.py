@@ -420,8 +420,7 @@ class GenerationCall:
 
     def _refuse(self, reason: str):
         """Fail closed: every row answers with the configured refusal text."""
-        tokenizer = self.adapter.tokenizer
-        refusal = tokenizer(self.config.refusal, add_special_tokens=False)["input_ids"]
+        refusal = self.adapter.encode(self.config.refusal)["input_ids"]
         answer = torch.tensor(
             refusal + self.eos_token_ids()[:1], dtype=self.prompt_ids.dtype, device=self.prompt_ids.device
         )

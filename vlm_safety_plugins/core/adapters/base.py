@@ -10,6 +10,8 @@ from ``pixel_values``. Family adapters override only what differs.
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -21,6 +23,20 @@ from ..errors import AdapterError, DefenseError
 
 IMAGE_MODES = ("real", "blank", "noise", "none")
 _PROBE_TEXT = "Is it safe."
+_ENCODING_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ENCODING_LOCKS_GUARD = threading.Lock()
+
+
+def encoding_lock(tokenizer) -> threading.Lock:
+    """The lock every encoding with ``tokenizer`` holds, one per tokenizer object.
+
+    A fast tokenizer sets padding and truncation on its one shared Rust tokenizer at each
+    call (on for a padded batch, off again for a lone text), so two threads encoding at
+    once get each other's settings: a batch comes back unpadded and cannot be stacked.
+    Decoding touches no such setting and takes no lock.
+    """
+    with _ENCODING_LOCKS_GUARD:
+        return _ENCODING_LOCKS.setdefault(tokenizer, threading.Lock())
 
 
 class ModelAdapter:
@@ -35,6 +51,7 @@ class ModelAdapter:
     def __init__(self, model, processor):
         self.model, self.processor = model, processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
+        self._encoding = encoding_lock(self.tokenizer)
 
     # -- structure -----------------------------------------------------------------------
 
@@ -153,14 +170,15 @@ class ModelAdapter:
         """Run the processor on chat-formatted prompts and one list of images per row, left-padded."""
         bos = self.tokenizer.bos_token
         template_adds_bos = bool(bos) and all(text.startswith(bos) for text in texts)
-        return self.processor(
-            text=texts,
-            images=self.images_argument(images),
-            return_tensors="pt",
-            padding=True,
-            padding_side="left",
-            add_special_tokens=not template_adds_bos,
-        )
+        with self._encoding:
+            return self.processor(
+                text=texts,
+                images=self.images_argument(images),
+                return_tensors="pt",
+                padding=True,
+                padding_side="left",
+                add_special_tokens=not template_adds_bos,
+            )
 
     @functools.cached_property
     def special_tokens(self) -> tuple[str, ...]:
@@ -229,7 +247,7 @@ class ModelAdapter:
         start = rendered.rfind(text)
         if start < 0 or rendered.rfind(_PROBE_TEXT) > start:
             return self.continuation_ids(text)
-        encoded = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+        encoded = self.encode(rendered, return_offsets_mapping=True)
         return [
             token
             for token, (begin, stop) in zip(encoded["input_ids"], encoded["offset_mapping"])
@@ -246,12 +264,17 @@ class ModelAdapter:
         text = self.tokenizer.decode(input_ids[:end], skip_special_tokens=True)
         return text.rsplit(opener.strip(), 1)[-1].strip() if opener.strip() else text.strip()
 
+    def encode(self, text: str, **options):
+        """The tokenizer's encoding of ``text`` as written (no special tokens added), safe beside other threads'."""
+        with self._encoding:
+            return self.tokenizer(text, add_special_tokens=False, **options)
+
     def continuation_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` as it tokenizes right after earlier text (no BOS, in-context spaces)."""
         return self._tokens_from(_PROBE_TEXT + text, len(_PROBE_TEXT))
 
     def _tokens_from(self, text: str, start: int) -> list[int]:
-        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        encoded = self.encode(text, return_offsets_mapping=True)
         ids = [token for token, (begin, _) in zip(encoded["input_ids"], encoded["offset_mapping"]) if begin >= start]
         if not ids and start < len(text):
             raise AdapterError(f"cannot tokenize {text[start:]!r} apart from the text before it")
