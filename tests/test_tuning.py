@@ -67,6 +67,28 @@ def test_values_replace_a_declared_option_or_add_one_and_nested_options_are_set_
     assert base["defenses"]["eta"] == {"best_of_n": {"top_k": 5}}  # the base is not edited
 
 
+def test_an_option_that_does_not_apply_is_left_out_and_each_distinct_setting_comes_once():
+    gated = ("gated", "both")
+    declared = (
+        vsp.Strength("mode", ("project", "gated", "both")),
+        vsp.Strength("tau_shift", (0.5, 0.0), refine=True, when={"mode": gated}),
+        vsp.Strength("alpha", (1.0, 2.0), when={"mode": gated}),
+    )
+    assert sweep.grid(declared) == [
+        {"mode": "project"},
+        *(
+            {"mode": mode, "tau_shift": tau, "alpha": alpha}
+            for mode in gated
+            for tau in (0.5, 0.0)
+            for alpha in (1.0, 2.0)
+        ),
+    ]
+    assert sweep.strengths(declared, {"alpha": [4.0]})[2].when == {"mode": gated}  # replaced values keep the rule
+    chosen = point(0.2, 0.95, mode="project")
+    points = [chosen, point(0.0, 0.5, mode="gated", tau_shift=0.5, alpha=1.0)]
+    assert sweep.bisect_bounds(points, chosen, declared[1], floor=0.9) is None  # nothing to refine where it is unset
+
+
 def test_every_shipped_tunable_defense_declares_values_its_options_accept():
     from vlm_safety_plugins.core import plugins
     from vlm_safety_plugins.core.options import parse_options

@@ -107,6 +107,31 @@ def test_gate_uses_the_calibrated_tau_and_reports_the_projection(red_image, cali
         assert record.details["gate_fired"] == (float(expected[row]) > artifact.thresholds[1])
 
 
+def test_tau_shift_moves_the_gate_in_anchor_gaps_and_needs_the_artifact_to_record_them(red_image, calibrated, tmp_path):
+    model, processor = tiny_vlm("llava")
+    vsp.attach(model, processor)
+    path = calibrated("llava")[1]
+    artifact = SafetySubspace.load(path)
+    gap = artifact.orientation["per_layer"]["1"]["gate_gap"]
+    inputs = batch(model, processor, requests(red_image))
+    plain = run(model, inputs, guard(path, alpha=2.0), red_image, max_new_tokens=2).safety
+    projections = [report.defenses["vlm_guard"].scores["projection"] for report in plain]
+    # a shift that puts τ just above the lower projection: that row's gate closes, the other's opens
+    shift = (min(projections) - artifact.thresholds[1]) / gap + 1e-3
+    out = run(model, inputs, guard(path, alpha=2.0, tau_shift=shift), red_image, max_new_tokens=2)
+    tau = artifact.thresholds[1] + shift * gap
+    for report, projection in zip(out.safety, projections, strict=True):
+        record = report.defenses["vlm_guard"]
+        assert record.details["tau"] == pytest.approx(tau)
+        assert record.details["gate_fired"] == (projection > tau)
+    assert sorted(report.defenses["vlm_guard"].details["gate_fired"] for report in out.safety) == [False, True]
+    del artifact.orientation["per_layer"]["1"]["gate_gap"]  # an artifact from before the gap was recorded
+    old = artifact.save(tmp_path / "old.safetensors")
+    with pytest.raises(vsp.ArtifactError, match="tau_shift needs the anchor gap of layer 1"):
+        run(model, inputs, guard(old, tau_shift=-0.5), red_image, max_new_tokens=2)
+    run(model, inputs, guard(old, tau=0.0), red_image, max_new_tokens=2)  # without a shift it is fine
+
+
 def test_both_modes_replace_the_subspace_part_with_the_amplified_prompt_part(red_image, calibrated):
     model, processor = tiny_vlm("qwen2_vl")
     vsp.attach(model, processor)
@@ -208,6 +233,13 @@ def test_an_image_conditioned_tau_separates_the_pairs_asked_with_a_corrupted_ima
         projections = states[layer].double() @ direction
         expected, _ = best_threshold(projections[: len(pairs)], projections[len(pairs) :])
         assert image.thresholds[layer] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+        gaps = image.orientation["per_layer"][str(layer)]
+        assert gaps["gate_gap"] == pytest.approx(
+            float(projections[: len(pairs)].mean() - projections[len(pairs) :].mean()), rel=1e-4
+        )
+        assert text.orientation["per_layer"][str(layer)]["gate_gap"] == pytest.approx(
+            text.orientation["per_layer"][str(layer)]["mean_gap"]
+        )
     assert any(image.thresholds[layer] != pytest.approx(text.thresholds[layer], rel=1e-3) for layer in layers)
     reloaded = SafetySubspace.load(image.save(tmp_path / "guard.safetensors"))
     assert reloaded.tau_from == "image" and reloaded.thresholds == pytest.approx(image.thresholds)

@@ -14,6 +14,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, Literal, Union
 
 from .errors import ConfigError
@@ -62,18 +63,26 @@ class Strength:
     ``values`` go from the weakest setting to the strongest. ``refine``: a number that can
     switch the outcome sharply between two neighbours, so the tuner bisects between the
     strongest value that keeps the utility budget and the next one, which does not.
+    ``when``: the option matters only where other swept options take one of these values
+    (``{"mode": ("gated_amplify", "both")}``); elsewhere the tuner leaves it as the base
+    config has it instead of trying settings that cannot differ.
     """
 
     option: str
     values: tuple[Any, ...]
     refine: bool = False
     doc: str = ""
+    when: Mapping[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not self.values:
             raise ValueError(f"Strength {self.option!r}: give at least one value")
         if self.refine and not all(is_number(value) for value in self.values):
             raise ValueError(f"Strength {self.option!r}: only numbers can be refined")
+
+    def applies(self, values: Mapping[str, Any]) -> bool:
+        """Whether the option matters at a setting: each option ``when`` names is absent or has one of its values."""
+        return all(option not in values or values[option] in allowed for option, allowed in self.when.items())
 
 
 def is_number(value: Any) -> bool:

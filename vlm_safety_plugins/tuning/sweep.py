@@ -1,18 +1,20 @@
 """The points a tuning run evaluates, and the rule that picks one.
 
 A point is one setting of the defense's ``Strength`` options (core/options.py) on top of
-the user's base config. The grid is every combination of their values; ``--values``
-replaces an option's declared values or adds an option. The rule: among the points whose
-benign accuracy is at least ``budget`` × the undefended model's, the lowest unsafe rate;
-ties go to the higher benign accuracy, then to the weaker setting (earlier in the grid).
-A point whose defense failed on any sample is never chosen: its refusals would look safe. A
-chosen point no safer than the undefended model is no choice either (the defense would be
-on and do nothing): the tuner says so, naming the safest setting and what it costs.
+the user's base config. The grid is every combination of their values (an option left out
+where it does not apply, ``Strength.when``); ``--values`` replaces an option's declared
+values or adds an option. The rule: among the points whose benign accuracy is at least
+``budget`` × the undefended model's, the lowest unsafe rate; ties go to the higher benign
+accuracy, then to the weaker setting (earlier in the grid). A point whose defense failed on
+any sample is never chosen: its refusals would look safe. A chosen point no safer than the
+undefended model is no choice either (the defense would be on and do nothing): the tuner
+says so, naming the safest setting and what it costs.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -85,7 +87,7 @@ def strengths(declared: Sequence[Strength], values: Mapping[str, Sequence[Any]] 
         if strength.option in values:
             given = tuple(values.pop(strength.option))
             refine = strength.refine and all(is_number(value) for value in given)
-            strength = Strength(strength.option, given, refine=refine, doc=strength.doc)
+            strength = dataclasses.replace(strength, values=given, refine=refine)
         chosen.append(strength)
     for option, given in values.items():  # refined when real-valued: an integer option takes no midpoint
         real = all(is_number(value) for value in given) and any(isinstance(value, float) for value in given)
@@ -94,8 +96,15 @@ def strengths(declared: Sequence[Strength], values: Mapping[str, Sequence[Any]] 
 
 
 def grid(swept: Sequence[Strength]) -> list[dict[str, Any]]:
-    """Every combination of the strengths' values, in order (the first option varies slowest)."""
-    return [dict(zip([s.option for s in swept], combo)) for combo in itertools.product(*(s.values for s in swept))]
+    """Every combination of the strengths' values, in order (the first option varies slowest); an option
+    left out where it does not apply (``Strength.when``), so each distinct setting comes once."""
+    settings = []
+    for combo in itertools.product(*(s.values for s in swept)):
+        values = dict(zip([s.option for s in swept], combo))
+        setting = {s.option: values[s.option] for s in swept if s.applies(values)}
+        if setting not in settings:
+            settings.append(setting)
+    return settings
 
 
 def point_config(base: Mapping, defense: str, values: Mapping[str, Any]) -> dict:
@@ -144,7 +153,7 @@ def bisect_bounds(points: Sequence[Point], chosen: Point, strength: Strength, fl
     """(meeting value, failing value) to bisect ``strength`` between: the chosen point's value and
     its stronger neighbour in the grid (the other options as chosen) when that one misses the
     budget; None when there is nothing to refine."""
-    if not strength.refine:
+    if not strength.refine or strength.option not in chosen.values:  # not swept where it does not apply
         return None
     value = chosen.values[strength.option]
     ordered = sorted(

@@ -36,6 +36,20 @@ class SafetySubspace(Artifact):
     def rank(self) -> int:
         return min(basis.shape[0] for basis in self.bases.values())
 
+    def gate_gap(self, layer: int) -> float:
+        """The distance between the mean gate projections of the harmful and the harmless anchors τ_layer
+        was cut between: the unit ``tau_shift`` counts in."""
+        per_layer = self.orientation.get("per_layer")
+        check = per_layer.get(str(layer)) if isinstance(per_layer, dict) else None
+        gap = check.get("gate_gap") if isinstance(check, dict) else None
+        if not (isinstance(gap, (int, float)) and not isinstance(gap, bool) and math.isfinite(gap) and gap > 0):
+            raise ArtifactError(
+                f"defenses.vlm_guard.tau_shift needs the anchor gap of layer {layer}, which the artifact does not "
+                f"record as a positive number (found {gap!r}): recalibrate it, or set tau itself",
+                source=self.path,
+            )
+        return float(gap)
+
     def _tensors_by_layer(self):
         return self.bases
 

@@ -107,9 +107,11 @@ def _subspace(harmful: torch.Tensor, harmless: torch.Tensor, rank: int, *, gate:
     if float(differences.mean(dim=0) @ basis[0]) < 0:  # SVD signs are arbitrary: harmful must project higher
         basis[0] = -basis[0]
     high, low = harmful @ basis[0], harmless @ basis[0]
-    tau, accuracy = best_threshold(gate[0] @ basis[0], gate[1] @ basis[0])
+    gate_high, gate_low = gate[0] @ basis[0], gate[1] @ basis[0]
+    tau, accuracy = best_threshold(gate_high, gate_low)
     check = {
         "mean_gap": float(high.mean() - low.mean()),
+        "gate_gap": float(gate_high.mean() - gate_low.mean()),
         "pair_accuracy": float((high > low).double().mean()),
         "gate_accuracy": accuracy,
     }

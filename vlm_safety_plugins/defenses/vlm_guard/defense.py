@@ -31,6 +31,8 @@ from ...steering.interventions import SCOPE_DOC, SCOPES, AddPromptProjection, Ga
 from .artifact import SafetySubspace
 
 MODES = ("project_out", "gated_amplify", "both")
+GATED = ("gated_amplify", "both")
+"""The modes with a gate (τ) and a push (α); ``project_out`` has neither."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,14 @@ class VlmGuardOptions:
     )
     tau: float | None = option(
         None, doc="Gate threshold on `p·v1` at the gate layer; default: the artifact's calibrated τ for that layer."
+    )
+    tau_shift: float = option(
+        0.0,
+        doc="Move the gate threshold by this many anchor gaps (the distance between the mean projections of the "
+        "harmful and the harmless anchors τ was cut between, recorded per layer): below 0 the gate fires on more "
+        "rows, above 0 on fewer. One value means the same on any artifact, which is why `vlm-safety tune` sweeps it.",
+        min=-10.0,
+        max=10.0,
     )
     gate_layer: int | None = option(
         None,
@@ -106,7 +116,9 @@ class _Settings:
         gate_layer = min(layers) if options.gate_layer is None else options.gate_layer
         artifact.check_layers([gate_layer], what="defenses.vlm_guard.gate_layer")
         tau = artifact.thresholds[gate_layer] if options.tau is None else options.tau
-        return cls(layers, rank, gate_layer, tau, options.mode in ("gated_amplify", "both") and options.alpha > 0)
+        if options.tau_shift:
+            tau += options.tau_shift * artifact.gate_gap(gate_layer)
+        return cls(layers, rank, gate_layer, tau, options.mode in GATED and options.alpha > 0)
 
     def interventions(self, options, bases, direction, decide, rows) -> list:
         """The edits for one call: project out and/or a gated push, on ``rows`` (None: all)."""
@@ -127,9 +139,11 @@ class VlmGuard(Defense):
     name = "vlm_guard"
     Options = VlmGuardOptions
     description = "VLM-Guard: project out / gated amplify of the text-taught safety subspace (intervention)."
-    strength = (  # τ is the artifact's own (calibrated per layer): sweep it with values, e.g. tau=0.1,0.2
+    strength = (  # τ moves in anchor gaps (tau_shift): absolute values would differ per artifact and layer
         Strength("mode", ("project_out", "gated_amplify", "both")),
         Strength("rank", (1, 2, 3, 5)),  # a rank past the artifact's is skipped, saying so
+        Strength("tau_shift", (0.5, 0.0, -0.5, -1.0), refine=True, when={"mode": GATED}),
+        Strength("alpha", (1.0, 2.0, 4.0), when={"mode": GATED}),
     )
 
     def __init__(self, options, resources):
