@@ -31,9 +31,12 @@ from timing import device_name, write_report
 
 import vlm_safety_plugins as vsp
 from vlm_safety_plugins import cli
+from vlm_safety_plugins.core.adapters import find_adapter
+from vlm_safety_plugins.defenses.vlm_guard.artifact import SafetySubspace
 from vlm_safety_plugins.evaluation.benchmarks import load_benchmark
 from vlm_safety_plugins.evaluation.report import format_rate
 from vlm_safety_plugins.evaluation.run import run_eval
+from vlm_safety_plugins.steering.readout import last_prompt_states
 from vlm_safety_plugins.tuning.run import PLOT_FILE
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -68,6 +71,41 @@ def beyond_the_paper(model, processor, folder: Path) -> dict[str, str]:
     vsp.calibrate_cmrm(model, processor, anchors, sequential=True, model_name="testbed").save(sequential)
     vsp.calibrate_vlm_guard(model, processor, pairs, tau_from="image", model_name="testbed").save(image_tau)
     return {"<sequential>": str(sequential), "<image tau>": str(image_tau)}
+
+
+def gate_separation(model, processor, subspace: str, image_tau: str, samples, batch_size: int) -> list[str]:
+    """Per layer, how VLM-Guard's gate projection ``p·v1`` ranks the validation draw's harmful image
+    requests against its benign ones (AUROC: the chance a harmful one projects higher; the gate
+    fires above τ, so it needs this near 1), and where each τ falls."""
+    adapter, text, image = find_adapter(model, processor), SafetySubspace.load(subspace), SafetySubspace.load(image_tau)
+    asked = [sample for sample in samples if sample.image is not None and sample.label in ("harmful", "benign")]
+    layers = sorted(text.bases)
+    projections = {layer: [] for layer in layers}
+    for start in range(0, len(asked), batch_size):
+        chunk = asked[start : start + batch_size]
+        states = last_prompt_states(model, adapter, adapter.build_inputs([(s.prompt, s.image) for s in chunk]), layers)
+        for layer in layers:
+            projections[layer].append(states[layer].float() @ text.bases[layer][0])
+    harmful = torch.tensor([sample.label == "harmful" for sample in asked])
+    lines = [
+        "| layer | AUROC, harmful above benign | mean p·v1, harmful / benign | τ text: fires on harmful / benign "
+        "| τ image: fires on harmful / benign |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for layer in layers:
+        scores = torch.cat(projections[layer])
+        high, low = scores[harmful], scores[~harmful]
+        auroc = float(
+            (high[:, None] > low[None, :]).double().mean() + 0.5 * (high[:, None] == low[None, :]).double().mean()
+        )
+        fired = [
+            f"{int((high > tau).sum())}/{len(high)} / {int((low > tau).sum())}/{len(low)}"
+            for tau in (text.thresholds[layer], image.thresholds[layer])
+        ]
+        lines.append(
+            f"| {layer} | {auroc:.2f} | {float(high.mean()):.1f} / {float(low.mean()):.1f} | {fired[0]} | {fired[1]} |"
+        )
+    return lines
 
 
 def base_config(tuned: Tuned, rows, artifacts, extra) -> dict:
@@ -127,7 +165,10 @@ def main() -> None:
                 **{**evaluation, "benchmark": f"testbed:test n={args.held_out_n} seed={seed}"},
             )  # fmt: skip
             print(f"seed {seed} {name}: done", flush=True)
-    write_report(render(args, results, combination, held_out), args.out)
+    separation = gate_separation(
+        model, processor, artifacts["subspace"], extra["<image tau>"], validation, args.batch_size
+    )
+    write_report(render(args, results, combination, held_out, separation), args.out)
 
 
 def tune(model, processor, defense, base, validation, out, args, evaluation, plot):
@@ -141,7 +182,7 @@ def tune(model, processor, defense, base, validation, out, args, evaluation, plo
     return result
 
 
-def render(args, results, combination, held_out) -> list[str]:
+def render(args, results, combination, held_out, separation) -> list[str]:
     lines = [
         "# Defenses tuned on validation data (`vlm-safety tune`), measured on held-out draws",
         "",
@@ -189,6 +230,15 @@ def render(args, results, combination, held_out) -> list[str]:
                 f"| {name} | {format_rate(unsafe)} | {ratio_unsafe:.2f} | {format_rate(benign)} | {ratio_benign:.3f} "
                 f"| {bar} |"
             )
+    lines += [
+        "",
+        "## VLM-Guard's gate on the validation draw's image requests",
+        "",
+        "The text-taught direction `v1` (harmful anchors project higher) at each layer, read at the last prompt "
+        "token of every harmful and benign request with an image:",
+        "",
+        *separation,
+    ]
     lines += ["", "Sweeps (unsafe rate against benign accuracy on the validation draw, the chosen point starred):", ""]
     lines += [f"![{label}](tuning/{folder}.png)" for label, folder in plot_names(results, combination)]
     return lines

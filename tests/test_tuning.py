@@ -89,6 +89,12 @@ def test_an_option_that_does_not_apply_is_left_out_and_each_distinct_setting_com
     assert sweep.bisect_bounds(points, chosen, declared[1], floor=0.9) is None  # nothing to refine where it is unset
 
 
+def test_the_frontier_names_each_trade_off_once_and_no_setting_another_beats():
+    points = [point(0.5, 0.9, alpha=0.1), point(0.5, 0.9, alpha=0.2), point(0.2, 0.8, alpha=0.3)]
+    points += [point(0.3, 0.7, alpha=0.4), point(0.0, 0.5, alpha=0.5), Point({"alpha": 0.6}, "-", invalid="rank")]
+    assert [p.values["alpha"] for p in sweep.frontier(points)] == [0.1, 0.3, 0.5]  # 0.2 sits on 0.1; 0.4 is beaten
+
+
 def test_every_shipped_tunable_defense_declares_values_its_options_accept():
     from vlm_safety_plugins.core import plugins
     from vlm_safety_plugins.core.options import parse_options

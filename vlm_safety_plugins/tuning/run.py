@@ -218,7 +218,7 @@ def _plot(path: Path, defense: str, vanilla: Point, points: list[Point], chosen,
             axes.scatter(
                 [100 * p.unsafe for p in group], [100 * p.benign for p in group], marker=marker, label=stage, zorder=2
             )
-    for point in shown:
+    for point in sweep.frontier(shown):  # every label would overlap on a large grid: the trade-offs only
         axes.annotate(point.label(), (100 * point.unsafe, 100 * point.benign), fontsize=7, xytext=(4, 3),
                       textcoords="offset points")  # fmt: skip
     if vanilla.unsafe is not None and vanilla.benign is not None:

@@ -149,6 +149,22 @@ def safest(points: Sequence[Point]) -> Point | None:
     return min(valid, key=lambda point: (point.unsafe, -(point.benign or 0.0)), default=None)
 
 
+def frontier(points: Sequence[Point]) -> list[Point]:
+    """The settings no other is both at least as safe and at least as useful as (and better in one),
+    one per position (the earliest in the grid): the trade-offs a plot names."""
+    valid = [p for p in points if p.ran and p.unsafe is not None and p.benign is not None]
+    kept, seen = [], set()
+    for point in valid:
+        where = (point.unsafe, point.benign)
+        dominated = any(
+            q.unsafe <= point.unsafe and q.benign >= point.benign and (q.unsafe, q.benign) != where for q in valid
+        )
+        if not dominated and where not in seen:
+            kept.append(point)
+            seen.add(where)
+    return kept
+
+
 def bisect_bounds(points: Sequence[Point], chosen: Point, strength: Strength, floor: float):
     """(meeting value, failing value) to bisect ``strength`` between: the chosen point's value and
     its stronger neighbour in the grid (the other options as chosen) when that one misses the
