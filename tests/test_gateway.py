@@ -23,8 +23,15 @@ import pytest
 import yaml
 
 from vlm_safety_plugins import testbed
+from vlm_safety_plugins.core.config import SafetyConfig
+from vlm_safety_plugins.core.defense import Defense
+from vlm_safety_plugins.core.policy import Policy
 from vlm_safety_plugins.defenses.adashield.defense import STATIC_DEFENSE_PROMPT
 from vlm_safety_plugins.gateway.batching import Batcher
+from vlm_safety_plugins.gateway.call import GatewayRequest
+from vlm_safety_plugins.gateway.engine import UpstreamEngine
+from vlm_safety_plugins.gateway.upstream import Upstream
+from vlm_safety_plugins.serving.engines.base import ChatJob
 
 from .servers import free_port, metric, running, start, user_message, vlm_safety
 from .test_serve import CONFIGS, samples  # noqa: F401  (the fixture)
@@ -262,3 +269,32 @@ def test_a_scorer_failure_reaches_every_caller_of_its_batch_and_the_next_batch_r
     first, results, later = asyncio.run(main())
     assert first == [1] and later == [4]
     assert all(isinstance(result, ValueError) for result in results)
+
+
+class _StreamsThenBreaks(Defense):
+    """Streams the opening of its own answer to choice 0, then fails."""
+
+    name = "streams_then_breaks"
+
+    async def around_upstream(self, call, proceed):
+        call.stream_answer(self.name, 0, "As far as ")
+        raise RuntimeError("broke after streaming")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_defense_that_fails_after_streaming_part_of_an_answer_streams_the_refusal_after_it(upstreams, stream):
+    engine = UpstreamEngine(Upstream(f"{upstreams['testbed'].url}/v1"), Policy(SafetyConfig.from_dict({})))
+    try:
+        config = SafetyConfig.from_dict({"refusal": "I will not answer that."})
+        job = ChatJob(messages=[{"role": "user", "content": "Hello."}], flags=None, max_tokens=8, stream=stream, n=2)
+        request = GatewayRequest(engine, job, config, {}, [_StreamsThenBreaks(None, engine.resources)], None)
+        sent = []
+        request.on_text = lambda choice, text: sent.append((choice, text))
+        completions = asyncio.run(request.run())
+    finally:
+        engine.close()
+    assert [completion.text for completion in completions] == [config.refusal] * 2  # every choice refused
+    assert all(report.refused and "broke after streaming" in report.error for report in request.reports)
+    # a streaming client saw the opening go out, then gets the refusal after it (as the transformers streamer
+    # sends it); one that is not streaming sees nothing before the answer
+    assert sent == ([(0, "As far as "), (0, config.refusal)] if stream else [])

@@ -453,6 +453,27 @@ def test_the_gateway_answers_a_benign_question_as_plain_vllm_does(served, gatewa
     assert record["scores"]["post"] == pytest.approx(expected.scores["post"], rel=1e-3, abs=1e-4)
 
 
+def streamed_pieces(server, text, image) -> tuple[list[str], dict]:
+    """(the non-empty content deltas of a streamed answer, its report)"""
+    chunks = list(create(server, image, text, stream=True))
+    pieces = [chunk.choices[0].delta.content for chunk in chunks if chunk.choices and chunk.choices[0].delta.content]
+    return pieces, chunks[-1].model_extra["vlm_safety"][0]
+
+
+@pytest.mark.parametrize("policy", ["eta", "speculating"])
+def test_an_aligned_answer_streams_sentence_by_sentence_and_an_unused_speculation_never_shows(
+    served, gateways, harmful, policy
+):
+    text, image = harmful
+    pieces, report = streamed_pieces(gateways[policy], text, image)
+    details = report["defenses"]["eta"]["details"]
+    assert details["aligned"] and pieces[0] == "As an AI assistant"  # the prefix goes out before any sentence
+    assert 2 <= len(pieces) <= details["sentences"] + 1  # then each accepted sentence (an empty one sends nothing)
+    pieces, report = streamed_pieces(gateways[policy], SCENE_QUESTION, image)  # pre unsafe, post safe
+    assert not report["defenses"]["eta"]["details"]["aligned"]
+    assert "".join(pieces) == ask_served(served, image, SCENE_QUESTION)  # no aligned text leaked before the verdict
+
+
 def test_speculative_alignment_is_used_when_both_checks_say_unsafe_and_wasted_otherwise(gateways, harmful):
     text, image = harmful
     answer, reason, report = ask_gateway(gateways["speculating"], text, image)

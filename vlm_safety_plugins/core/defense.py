@@ -169,6 +169,11 @@ class GatewayCall(Protocol):
         """``defense`` will not veto the answer: once every around-upstream defense has passed,
         the engine's answer streams to the client as it comes."""
 
+    def stream_answer(self, defense: str, choice: int, text: str) -> None:
+        """More of the answer ``defense`` returns for ``choice``, for a streaming client as it is decided
+        (an aligned answer sentence by sentence); sent only while no other defense holds the answer.
+        The answer returned must begin with everything streamed."""
+
     async def upstream(
         self,
         *,

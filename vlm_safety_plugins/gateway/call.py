@@ -56,6 +56,8 @@ class GatewayRequest:
         self.messages = _openai_messages(job.messages)
         self.reports = [SafetyReport(row=index, origins=dict(origins)) for index in range(job.n)]
         self._holders = {defense.name for defense in self._doing("around_upstream")}
+        self._streamed: set[int] = set()
+        """The choices a defense streamed part of its answer of (``stream_answer``)."""
 
     # -- what defenses use ---------------------------------------------------------------------
 
@@ -76,6 +78,11 @@ class GatewayRequest:
 
     def pass_stream(self, defense: str) -> None:
         self._holders.discard(defense)
+
+    def stream_answer(self, defense: str, choice: int, text: str) -> None:
+        if self._job.stream and self.on_text is not None and self._holders <= {defense} and text:
+            self._streamed.add(choice)
+            self.on_text(choice, text)
 
     async def upstream(
         self,
@@ -138,6 +145,8 @@ class GatewayRequest:
             reason = f"{failure.defense}: {type(failure.error).__name__}: {failure.error}"
             for report in self.reports:
                 report.refused, report.error, report.refused_by = True, reason, failure.defense
+            for choice in self._streamed:  # after what went out already, as the transformers streamer does
+                self.on_text(choice, self.config.refusal)
             return [Completion(self.config.refusal, "content_filter", 0) for _ in range(self.n)]
 
     async def _around(self, chain: list[Defense]) -> list[Completion]:

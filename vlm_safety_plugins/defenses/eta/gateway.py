@@ -63,8 +63,10 @@ async def around_upstream(eta, call, proceed) -> list[Completion]:
         return await proceed()
 
     speculate = options.speculate and image_unsafe  # a safe image under `safe_images: post` rarely aligns
+    streams = [_AlignedStream(eta, call, choice, used=not speculate) for choice in choices]
     speculated = [
-        asyncio.create_task(align(eta, call, embeddings, choice)) if speculate else None for choice in choices
+        asyncio.create_task(align(eta, call, embeddings, choice, streams[choice])) if speculate else None
+        for choice in choices
     ]
     try:
         started = time.perf_counter()
@@ -81,8 +83,10 @@ async def around_upstream(eta, call, proceed) -> list[Completion]:
             if speculated[choice] is not None:
                 record.details["speculation"] = "used" if choice in unsafe else "wasted"
         started = time.perf_counter()
+        for choice in unsafe:
+            streams[choice].use()
         aligned = await asyncio.gather(
-            *(speculated[choice] or align(eta, call, embeddings, choice) for choice in unsafe)
+            *(speculated[choice] or align(eta, call, embeddings, choice, streams[choice]) for choice in unsafe)
         )
         align_s = time.perf_counter() - started
     finally:
@@ -126,14 +130,38 @@ def _user_turn(eta, call, instruction: str) -> str:
     return instruction if eta.options.reward_sees == "instruction" else call.user_text()
 
 
-async def align(eta, call, image_embedding, choice: int = 0) -> Completion:
-    """Choice ``choice``'s aligned answer: the interference prefix, then best-of-N (per the ablation)."""
+class _AlignedStream:
+    """One choice's aligned answer for a streaming client, as its sentences are accepted; held
+    back while the alignment is speculative (it may go unused), sent from when it is used."""
+
+    def __init__(self, eta, call, choice: int, *, used: bool):
+        self.send = lambda text: call.stream_answer(eta.name, choice, text)
+        self.text, self.sent, self.used = "", 0, used
+
+    def add(self, text: str) -> None:
+        self.text += text
+        self._flush()
+
+    def use(self) -> None:
+        self.used = True
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.used and len(self.text) > self.sent:
+            self.send(self.text[self.sent :])
+            self.sent = len(self.text)
+
+
+async def align(eta, call, image_embedding, choice: int, stream: _AlignedStream) -> Completion:
+    """Choice ``choice``'s aligned answer: the interference prefix, then best-of-N (per the ablation),
+    each accepted sentence into ``stream``."""
     options = eta.options
     budget = min(options.max_new_tokens, call.max_tokens)
     prefix = options.prefix if options.alignment != "deep_only" else ""
     left = budget - (await call.opening_tokens(prefix) if prefix else 0)
     if left <= 0:  # the token budget ends inside the prefix
         return Completion(prefix, "length", budget)
+    stream.add(prefix)
     if options.alignment == "shallow_only":
         (rest,) = await call.upstream(answer_opening=prefix, max_tokens=left, n=1)
         return Completion(prefix + rest.text, rest.finish_reason, budget - left + rest.completion_tokens)
@@ -169,6 +197,7 @@ async def align(eta, call, image_embedding, choice: int = 0) -> Completion:
         score_s += time.perf_counter() - started
         winner = int(torch.argmax(scores))
         accepted += texts[winner]
+        stream.add(texts[winner])
         generated += candidates[winner].completion_tokens
         sentences += 1
         if candidates[winner].ended:
