@@ -11,7 +11,7 @@ least 0.95 × vanilla's). Beside the papers' settings: ETA with `safe_images: po
 sequentially calibrated vectors, VLM-Guard with τ from image-conditioned anchors (each the
 committed config with that one change, then tuned the same way). Last, a combination: ETA
 as tuned with CMRM's α tuned on top of it.
-The sweep plots go next to the table. CPU, testbed, about 15 minutes.
+The sweep plots go next to the table. CPU, testbed, about 30 minutes on 2 cores.
 
     python benchmarks/tuning.py                  # writes benchmarks/results/tuning.md (+ tuning/)
     python benchmarks/tuning.py --work runs/tuning   # reruns resume
