@@ -136,10 +136,10 @@ class _AlignedStream:
 
     def __init__(self, eta, call, choice: int, *, used: bool):
         self.send = lambda text: call.stream_answer(eta.name, choice, text)
-        self.text, self.sent, self.used = "", 0, used
+        self.held, self.used = "", used
 
     def add(self, text: str) -> None:
-        self.text += text
+        self.held += text
         self._flush()
 
     def use(self) -> None:
@@ -147,9 +147,9 @@ class _AlignedStream:
         self._flush()
 
     def _flush(self) -> None:
-        if self.used and len(self.text) > self.sent:
-            self.send(self.text[self.sent :])
-            self.sent = len(self.text)
+        if self.used and self.held:
+            self.send(self.held)
+            self.held = ""
 
 
 async def align(eta, call, image_embedding, choice: int, stream: _AlignedStream) -> Completion:

@@ -11,6 +11,7 @@ from typing import ClassVar
 import torch
 
 from ...core.errors import ArtifactError
+from ...core.options import is_number
 from ...steering.artifacts import Artifact
 
 TAU_FROM = ("text", "image")
@@ -42,7 +43,7 @@ class SafetySubspace(Artifact):
         per_layer = self.orientation.get("per_layer")
         check = per_layer.get(str(layer)) if isinstance(per_layer, dict) else None
         gap = check.get("gate_gap") if isinstance(check, dict) else None
-        if not (isinstance(gap, (int, float)) and not isinstance(gap, bool) and math.isfinite(gap) and gap > 0):
+        if not (is_number(gap) and math.isfinite(gap) and gap > 0):
             raise ArtifactError(
                 f"defenses.vlm_guard.tau_shift needs the anchor gap of layer {layer}, which the artifact does not "
                 f"record as a positive number (found {gap!r}): recalibrate it, or set tau itself",
