@@ -128,8 +128,9 @@ def test_a_benign_scene_question_is_answered_as_plain_transformers_answers(serve
 @pytest.mark.parametrize("kind", ["harmful", "question"])
 def test_streamed_chunks_concatenate_to_the_answer(servers, samples, kind):
     sample = samples[kind][0]
-    whole = ask(servers["eta"], sample.text, sample.image).choices[0]
-    text, reasons, reports = streamed(servers["eta"], sample.text, sample.image)
+    # seeded: an aligned answer is sampled (ETA's best-of-N), so two unseeded requests may differ
+    whole = ask(servers["eta"], sample.text, sample.image, seed=7).choices[0]
+    text, reasons, reports = streamed(servers["eta"], sample.text, sample.image, seed=7)
     assert text == whole.message.content and reasons == [whole.finish_reason]
     assert reports[0]["decision"] == whole.model_extra["vlm_safety"]["decision"]
     assert (whole.finish_reason == "content_filter") == (kind == "harmful")
